@@ -1,0 +1,74 @@
+"""Running datatrove pipelines for data stages, and reading their per-block stats back.
+
+The same list of pipeline blocks runs on datatrove's local executor here; other executors (Slurm,
+Ray) take the same blocks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+
+from stages.core.runner import StageContext
+
+os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kiln", "tldextract"))
+
+
+class Tally(PipelineStep):
+    """Counts documents, UTF-8 bytes and whitespace-separated words passing through (no change)."""
+
+    name = "tally"
+    type = "📊 - STATS"
+
+    def __init__(self, label: str = "tally"):
+        super().__init__()
+        self.name = label
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update("documents")
+            self.stat_update("bytes", value=len(doc.text.encode("utf-8")))
+            self.stat_update("words", value=len(doc.text.split()))
+            yield doc
+
+
+def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int | None = None,
+                 workers: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``steps`` with the configured executor; returns {block name: {stat: value}} summed over tasks.
+
+    Block names that repeat get a ``#N`` suffix, in pipeline order.
+    """
+    from datatrove.executor import LocalPipelineExecutor
+
+    run = ctx.cfg.run
+    tasks = tasks or run.tasks
+    workers = min(workers or run.workers, tasks)
+    executor = LocalPipelineExecutor(
+        pipeline=steps,
+        tasks=tasks,
+        workers=workers,
+        logging_dir=ctx.out.datafolder(f"logs/{name}"),
+        skip_completed=False,
+    )
+    stats = executor.run()
+    return stats_by_block(stats)
+
+
+def stats_by_block(pipeline_stats) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for st in pipeline_stats.stats:
+        key, n = st.name, 2
+        while key in out:
+            key, n = f"{st.name}#{n}", n + 1
+        vals = {}
+        for k, v in st.stats.items():
+            vals[k] = v.total if hasattr(v, "total") else v
+        out[key] = vals
+    return out
+
+
+def tally_counts(block: dict[str, Any]) -> dict[str, int]:
+    return {k: int(block.get(k, 0)) for k in ("documents", "bytes", "words")}

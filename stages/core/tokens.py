@@ -1,0 +1,103 @@
+"""Binary token shards: the format the shard stage writes and training reads.
+
+A shard ``NAME.bin`` is a 64-byte header followed by the tokens, little-endian:
+
+    offset  size  field
+    0       8     magic  b"KILNTOK\\0"
+    8       4     version (uint32) = 1
+    12      4     itemsize (uint32): 2 -> uint16 tokens, 4 -> uint32 tokens
+    16      8     n_tokens (uint64)
+    24      8     n_docs (uint64)
+    32      8     vocab_size (uint64)
+    40      4     eos_id (uint32)
+    44      20    reserved (zero)
+    64      ...   n_tokens tokens; every document is followed by eos_id
+
+Its document index ``NAME.idx`` is a 16-byte header (magic b"KILNIDX\\0", uint64 n_docs) followed by
+n_docs + 1 uint64 token offsets: document i is tokens [off[i], off[i+1]) (its EOS included).
+Any window is one byte range, so readers fetch only what they need, locally or from S3 (range GET).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+MAGIC = b"KILNTOK\0"
+IDX_MAGIC = b"KILNIDX\0"
+VERSION = 1
+HEADER_BYTES = 64
+_HDR = struct.Struct("<8sIIQQQI20x")
+_IDX_HDR = struct.Struct("<8sQ")
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+class TokenShardWriter:
+    """Write documents' token ids to a local ``.bin``/``.idx`` pair (upload afterwards)."""
+
+    def __init__(self, bin_path: str, idx_path: str, vocab_size: int, eos_id: int):
+        self.bin_path, self.idx_path = bin_path, idx_path
+        self.vocab_size, self.eos_id = vocab_size, eos_id
+        self.dtype = dtype_for_vocab(vocab_size)
+        self.f = open(bin_path, "wb")
+        self.f.write(b"\0" * HEADER_BYTES)
+        self.offsets = [0]
+
+    def add(self, ids) -> None:
+        arr = np.asarray(list(ids) + [self.eos_id], dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range for vocabulary of {self.vocab_size}")
+        self.f.write(arr.astype(self.dtype).tobytes())
+        self.offsets.append(self.offsets[-1] + arr.size)
+
+    def close(self) -> dict:
+        n_tokens, n_docs = self.offsets[-1], len(self.offsets) - 1
+        self.f.seek(0)
+        self.f.write(_HDR.pack(MAGIC, VERSION, self.dtype.itemsize, n_tokens, n_docs, self.vocab_size, self.eos_id))
+        self.f.close()
+        with open(self.idx_path, "wb") as f:
+            f.write(_IDX_HDR.pack(IDX_MAGIC, n_docs))
+            f.write(np.asarray(self.offsets, dtype="<u8").tobytes())
+        return {"tokens": n_tokens, "documents": n_docs}
+
+
+def parse_header(raw: bytes) -> dict:
+    magic, version, itemsize, n_tokens, n_docs, vocab, eos = _HDR.unpack(raw[:HEADER_BYTES])
+    if magic != MAGIC:
+        raise ValueError("not a Kiln token shard (bad magic)")
+    if version != VERSION:
+        raise ValueError(f"unsupported token shard version {version}")
+    return {"itemsize": itemsize, "n_tokens": n_tokens, "n_docs": n_docs, "vocab_size": vocab, "eos_id": eos,
+            "dtype": np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")}
+
+
+class TokenShard:
+    """Read windows of a shard from any Storage by byte range, without reading the whole file."""
+
+    def __init__(self, storage, rel: str):
+        self.storage, self.rel = storage, rel
+        self.header = parse_header(storage.read_bytes(rel, 0, HEADER_BYTES))
+        self.dtype = self.header["dtype"]
+        self.n_tokens = self.header["n_tokens"]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        if start < 0 or start + length > self.n_tokens:
+            raise IndexError(f"window [{start}, {start + length}) outside shard of {self.n_tokens} tokens")
+        b0 = HEADER_BYTES + start * self.dtype.itemsize
+        raw = self.storage.read_bytes(self.rel, b0, b0 + length * self.dtype.itemsize)
+        return np.frombuffer(raw, dtype=self.dtype).astype(np.int64)
+
+    def read_all(self) -> np.ndarray:
+        return self.read(0, self.n_tokens)
+
+    def doc_offsets(self, idx_rel: str | None = None) -> np.ndarray:
+        idx_rel = idx_rel or self.rel[:-4] + ".idx"
+        raw = self.storage.read_bytes(idx_rel)
+        magic, n_docs = _IDX_HDR.unpack(raw[:_IDX_HDR.size])
+        if magic != IDX_MAGIC:
+            raise ValueError(f"{idx_rel}: not a Kiln document index")
+        return np.frombuffer(raw[_IDX_HDR.size:], dtype="<u8").astype(np.int64)

@@ -65,3 +65,84 @@ def real_docs(n: int = 200) -> list[dict]:
             docs.append({"text": text, "id": key, "metadata": {"url": val.get("url", f"https://example/{key}"),
                                                               "domain": (val.get("url") or "x/x/unknown").split("/")[2]}})
     return docs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint over HTTP: moto_server on 127.0.0.1, started and stopped by the tests."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    assert exe, "moto_server not installed (pip install 'moto[server]')"
+    port = _free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield url
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the moto endpoint; yields its s3:// URL."""
+    import uuid
+
+    import boto3
+
+    name = f"kiln-test-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    yield f"s3://{name}"
+
+
+def seed_files(storage_uri: str, run_id: str, stage: str, files: dict, counts: dict | None = None,
+               metrics: dict | None = None) -> dict:
+    """Write arbitrary artifacts (rel path -> bytes, or a local file path) as if `stage` had produced them,
+    with a manifest listing them (for stages whose outputs are not JSONL: tokenizer, shard, train)."""
+    from stages.core.runner import MANIFEST
+    from stages.core.storage import Storage
+
+    out = Storage(storage_uri).sub(run_id, stage)
+    for rel, data in files.items():
+        if isinstance(data, (str, Path)):
+            out.put_file(str(data), rel)
+        else:
+            out.write_bytes(rel, data)
+    outputs = [{"path": p, "bytes": out.size(p), "sha256": out.sha256(p)} for p in out.list() if p != MANIFEST]
+    manifest = {"stage": stage, "run_id": run_id, "fingerprint": f"seeded-{stage}", "config": {}, "seed": 0,
+                "inputs": {}, "outputs": outputs, "counts": counts or {}, "metrics": metrics or {},
+                "wall_time_s": 0.0, "code_version": "test", "location": out.url()}
+    out.write_json(MANIFEST, manifest)
+    return manifest

@@ -108,3 +108,16 @@ def fingerprint(obj) -> str:
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(mode="json")
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def storage_uri(cfg, override: str | None = None) -> str:
+    """Where artifacts go: --storage, else $KILN_STORAGE, else the profile's run.storage."""
+    given = override or os.environ.get("KILN_STORAGE")
+    if given:
+        return given if "://" in given else os.path.abspath(given)
+    return resolve_path(cfg, cfg.run.storage)
+
+
+def default_run_id(cfg) -> str:
+    """Runs are named after their profile unless given an id (re-runs then skip finished stages)."""
+    return Path(getattr(cfg, "_source", "kiln")).stem

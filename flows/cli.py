@@ -1,0 +1,97 @@
+"""`kiln`: run one stage locally, or the whole DAG as a Prefect flow.
+
+    kiln stage NAME --config configs/tiny.yaml [--run-id ID] [--storage URI] [--set key=value ...]
+    kiln run --config configs/tiny.yaml [--run-id ID] [--storage URI] [--stages a,b] [--set key=value ...]
+    kiln summary --config configs/tiny.yaml [--run-id ID] [--storage URI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+
+from flows import DEFAULT_CONFIG
+from stages import STAGES
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"kiln: --set expects key=value, got '{pair}'")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Kiln: from a web crawl to an evaluated LM checkpoint.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--config", default=DEFAULT_CONFIG, help="profile YAML (default: configs/tiny.yaml)")
+        sp.add_argument("--run-id", default=None, help="run id (default: the profile's name)")
+        sp.add_argument("--storage", default=None, help="local folder or s3://bucket/prefix (default: $KILN_STORAGE,"
+                                                         " else the profile's run.storage)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile value, e.g. --set train.max_steps=20")
+
+    s = sub.add_parser("stage", help="run one stage locally (no Prefect)")
+    s.add_argument("name", choices=STAGES)
+    common(s)
+    s.add_argument("--force", action="store_true", help="re-run even if an identical run is complete")
+    r = sub.add_parser("run", help="run the whole DAG as a Prefect flow")
+    common(r)
+    r.add_argument("--stages", default=None, help="comma-separated subset of stages")
+    r.add_argument("--force", action="store_true")
+    sm = sub.add_parser("summary", help="print what every stage of a run did")
+    common(sm)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s kiln %(levelname)s %(message)s", stream=sys.stderr)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    from stages.core import summary
+    from stages.core.config import ConfigError, default_run_id, load_config, storage_uri
+    from stages.core.runner import StageError, run_stage
+
+    try:
+        overrides = _overrides(args.set)
+        cfg = load_config(args.config, overrides)
+        uri, rid = storage_uri(cfg, args.storage), args.run_id or default_run_id(cfg)
+        if args.cmd == "stage":
+            m = run_stage(args.name, cfg, uri, rid, force=args.force)
+            state = "already complete, skipped" if m.get("skipped") else f"done in {m['wall_time_s']:.1f}s"
+            print(f"{args.name}: {state}; counts {m['counts']}; manifest {m['location']}/manifest.json")
+        elif args.cmd == "run":
+            from flows.pipeline import pipeline
+
+            stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+            pipeline(config=args.config, storage=uri, run_id=rid, stages=stages, overrides=overrides,
+                     force=args.force)
+            print(summary.render(summary.collect(uri, rid)))
+        else:
+            print(summary.render(summary.collect(uri, rid)))
+    except ConfigError as e:
+        print(f"kiln: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StageError as e:
+        print(f"kiln: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Tokenizer: train a sentencepiece model on a deterministic sample of the reweighted corpus.
+
+A small fraction of the original documents (chosen by a stable hash of the base id, so reweighting
+copies ``<id>#rN`` go with their original) is held out and never trained on; the rest are ranked by a
+stable hash of (seed, id) and taken until ``sample_bytes``. Text is fed to sentencepiece as whole
+documents (cut at line boundaries into pieces sentencepiece accepts) with identity normalisation and no
+whitespace rewriting, so newlines and indentation are learnt and ``decode(encode(text)) == text``;
+byte fallback covers every other character. Same input, seed and config give identical model bytes.
+Writes ``tokenizer.model``, ``tokenizer.vocab`` and ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from stages.core.config import Strict
+from stages.core.runner import StageContext, StageError, StageResult
+from stages.reweight import base_id, stable_unit
+
+# Fixed special ids: every downstream stage (shard, train, evaluate) may rely on them.
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+_ESCAPE = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"})  # keeps .vocab one line per id
+MAX_PIECE_BYTES = 8192  # sentencepiece's max_sentence_length; longer documents are cut at line breaks
+
+
+class Config(Strict):
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(4096, ge=64)
+    sample_bytes: int = Field(8_000_000, ge=1)  # cap on the training sample (UTF-8 bytes)
+    heldout_fraction: float = Field(0.02, ge=0, lt=0.5)  # of original documents, for bytes_per_token
+    heldout_max_bytes: int = Field(2_000_000, ge=1)  # cap on the held-out text encoded for metrics
+    user_defined_symbols: list[str] = Field(default_factory=list)  # always single tokens, never split
+    character_coverage: float = Field(0.9995, gt=0, le=1)  # rarer characters go through byte fallback
+    num_threads: int = Field(2, ge=1)
+
+
+def _chunks(text: str, limit: int = MAX_PIECE_BYTES):
+    """Cut ``text`` into pieces of at most ``limit`` UTF-8 bytes, at line breaks where possible."""
+    buf, size = [], 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        if size + n > limit and buf:
+            yield "".join(buf)
+            buf, size = [], 0
+        if n > limit:  # one huge line: hard cut (a character is at most 4 bytes)
+            step = limit // 4
+            for i in range(0, len(line), step):
+                yield line[i:i + step]
+            continue
+        buf.append(line)
+        size += n
+    if buf:
+        yield "".join(buf)
+
+
+def _plan(docs_meta: list[tuple[str, str, int]], seed: int, cfg: Config) -> tuple[set[str], set[str]]:
+    """Choose held-out base ids and training ids from (id, base id, bytes) of every document."""
+    bases = sorted({b for _, b, _ in docs_meta}, key=lambda b: (stable_unit("tok-heldout", seed, b), b))
+    n_held = math.ceil(cfg.heldout_fraction * len(bases)) if len(bases) > 1 else 0
+    heldout = set(bases[:n_held])
+    ranked = sorted((d for d in docs_meta if d[1] not in heldout),
+                    key=lambda d: (stable_unit("tok-sample", seed, d[0]), d[0]))
+    train, total = set(), 0
+    for doc_id, _, n in ranked:
+        if total >= cfg.sample_bytes:
+            break
+        train.add(doc_id)
+        total += n
+    return heldout, train
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    import sentencepiece as spm
+    from stages.core.pipeline import upstream_reader
+
+    src = ctx.input("reweight").datafolder("data")
+    reader = upstream_reader(ctx, "reweight", add_file_path=False)
+
+    def docs():
+        return reader()  # the manifest's files, in sorted order: deterministic
+
+    meta = [(d.id, base_id(d.id), len(d.text.encode("utf-8"))) for d in docs()]
+    if not meta:
+        raise StageError(f"tokenizer: no documents in {src.path}")
+    heldout, train = _plan(meta, ctx.cfg.run.seed, cfg)
+    sample = {"docs": 0, "bytes": 0}
+    held_texts, held_ids, held_bytes = [], [], 0
+
+    def training_text():
+        nonlocal held_bytes
+        for d in docs():
+            if d.id in train:
+                sample["docs"] += 1
+                sample["bytes"] += len(d.text.encode("utf-8"))
+                yield from _chunks(d.text)
+            elif base_id(d.id) in heldout and d.id == base_id(d.id) and held_bytes < cfg.heldout_max_bytes:
+                held_texts.append(d.text)
+                held_ids.append(d.id)
+                held_bytes += len(d.text.encode("utf-8"))
+
+    prefix = os.path.join(ctx.workdir, "tokenizer")
+    options = dict(model_type=cfg.model_type, vocab_size=cfg.vocab_size, byte_fallback=True,
+                   unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+                   user_defined_symbols=cfg.user_defined_symbols, character_coverage=cfg.character_coverage,
+                   normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+                   allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=MAX_PIECE_BYTES,
+                   input_sentence_size=0, shuffle_input_sentence=False, num_threads=cfg.num_threads)
+    spm.set_random_generator_seed(ctx.cfg.run.seed)
+    t0 = time.time()
+    model = io.BytesIO()  # not model_prefix: the trainer would record that (random) path in the model
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=training_text(), model_writer=model, minloglevel=2,
+                                       **options)
+    except RuntimeError as e:
+        why = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[-1])  # drop spm's source location
+        raise StageError(f"tokenizer: sentencepiece training failed on {sample['docs']} documents "
+                         f"({sample['bytes']} bytes; tokenizer.vocab_size={cfg.vocab_size}): {why}") from None
+    train_s = time.time() - t0
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with open(prefix + ".model", "wb") as f:
+        f.write(model.getvalue())
+    with open(prefix + ".vocab", "w", encoding="utf-8") as f:  # like spm's: piece<TAB>score, one line per id
+        f.writelines(f"{sp.id_to_piece(i).translate(_ESCAPE)}\t{sp.get_score(i):g}\n"
+                     for i in range(sp.get_piece_size()))
+
+    ev = {"heldout_docs": len(held_texts), "heldout_bytes": held_bytes}
+    if held_texts:
+        ids = sp.encode(held_texts, num_threads=cfg.num_threads)
+        n_tok = sum(map(len, ids))
+        ev |= {"heldout_tokens": n_tok, "bytes_per_token": round(held_bytes / n_tok, 4),
+               "byte_fallback_share": round(sum(sp.is_byte(i) for seq in ids for i in seq) / n_tok, 5),
+               "roundtrip_ok": sum(sp.decode(s) == t for s, t in zip(ids, held_texts)) / len(held_texts)}
+        if ev["roundtrip_ok"] < 1:
+            raise StageError(f"tokenizer: decode(encode(text)) != text on {len(held_texts)} held-out documents "
+                             f"(ok share {ev['roundtrip_ok']:.3f})")
+    ids_info = {"vocab_size": sp.get_piece_size(), "unk_id": sp.unk_id(), "bos_id": sp.bos_id(),
+                "eos_id": sp.eos_id(), "pad_id": sp.pad_id(),
+                "user_defined": {s: sp.piece_to_id(s) for s in cfg.user_defined_symbols}}
+    stats = {**ids_info, "model_type": cfg.model_type, "seed": ctx.cfg.run.seed,
+             "sample_docs": sample["docs"], "sample_bytes": sample["bytes"], "documents_in": len(meta),
+             "train_seconds": round(train_s, 3), **ev,
+             "heldout_ids": held_ids, "trainer_options": {k: v for k, v in options.items() if k != "num_threads"}}
+    ctx.out.write_json("stats.json", stats)
+    for ext in ("model", "vocab"):
+        ctx.out.put_file(f"{prefix}.{ext}", f"tokenizer.{ext}")
+    metrics = {k: stats[k] for k in ("vocab_size", "bos_id", "eos_id", "pad_id", "unk_id", "sample_docs",
+                                     "sample_bytes", "train_seconds")} | ev
+    return StageResult(outputs=["tokenizer.model", "tokenizer.vocab", "stats.json"],
+                       counts={"documents_in": len(meta), "sample_docs": sample["docs"],
+                               "sample_bytes": sample["bytes"], "heldout_docs": len(held_texts)},
+                       metrics=metrics)

@@ -1,0 +1,144 @@
+"""shard: token shards and Parquet from real text; they agree, decode back, and the split is stable."""
+
+import io
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+from conftest import load_tiny, seed_files
+from test_reweight import mixed_docs, seed_split
+
+from stages.core.runner import StageError, run_stage
+from stages.core.storage import Storage
+from stages.core.tokens import TokenShard
+from stages.reweight import base_id
+from stages.shard import parquet_schema, split_of
+
+FAST = {"run.tasks": 2, "run.workers": 1, "tokenizer.vocab_size": 2048}
+
+
+def with_copies(docs: list[dict]) -> list[dict]:
+    """Reweight-like output: every 4th document also appears as copies #r1 and #r2."""
+    out = []
+    for i, d in enumerate(docs):
+        out.append(d)
+        if i % 4 == 0:
+            out += [{**d, "id": f"{d['id']}#r{k}"} for k in (1, 2)]
+    return out
+
+
+def build(root: str, run: str, docs: list[dict], cfg) -> dict:
+    seed_split(root, run, "reweight", docs)
+    run_stage("tokenizer", cfg, root, run)
+    return run_stage("shard", cfg, root, run)
+
+
+def read_split(st: Storage) -> dict[str, str]:
+    """id -> split, from the Parquet shards."""
+    out = {}
+    for rel in st.list("parquet", suffix=".parquet"):
+        for i in pq.read_table(io.BytesIO(st.read_bytes(rel)), columns=["id"]).column("id").to_pylist():
+            out[i] = rel.split("/")[1]
+    return out
+
+
+def test_token_shards_decode_to_parquet_rows(tmp_path):
+    root, docs = str(tmp_path), with_copies(mixed_docs(120, 120, 30))
+    cfg = load_tiny(tmp_path, {**FAST, "shard.parquet_rows_per_group": 16, "shard.val_fraction": 0.1})
+    m = build(root, "a", docs, cfg)
+    st = Storage(root).sub("a", "shard")
+    sp = spm.SentencePieceProcessor(model_proto=Storage(root).sub("a", "tokenizer").read_bytes("tokenizer.model"))
+    c = m["counts"]
+    assert c["documents_in"] == c["documents_out"] == len(docs) == c["docs_train"] + c["docs_val"]
+    assert c["docs_val"] > 0.05 * len(docs) and c["removed"] == {"empty": 0}
+    index = st.read_json("index.json")
+    assert [e["path"] for e in index["train"]] == ["tokens/train/00000.bin", "tokens/train/00001.bin"]
+
+    seen, tokens = 0, {"train": 0, "validation": 0}
+    for split in ("train", "validation"):
+        for entry in index[split]:
+            shard = TokenShard(st, entry["path"])
+            h = shard.header
+            assert (h["dtype"], h["vocab_size"], h["eos_id"]) == (np.dtype("<u2"), 2048, 2)
+            off, toks = shard.doc_offsets(), shard.read_all()
+            assert off[0] == 0 and off[-1] == h["n_tokens"] == len(toks) and len(off) == h["n_docs"] + 1
+            # plain pyarrow reads the matching Parquet shard, with the declared schema, zstd, small row groups
+            local = tmp_path / "a" / "shard" / entry["path"].replace("tokens", "parquet").replace(".bin", ".parquet")
+            pf = pq.ParquetFile(local)
+            table = pf.read()
+            assert table.schema.equals(parquet_schema())
+            assert pf.metadata.num_row_groups == math.ceil(table.num_rows / 16) > 1
+            assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+            assert table.num_rows == h["n_docs"]
+            for i, row in enumerate(table.to_pylist()):
+                doc = toks[off[i]:off[i + 1]]
+                assert doc[-1] == 2 and 2 not in doc[:-1]  # one EOS, at the end
+                assert row["n_tokens"] == len(doc) - 1
+                assert sp.decode(doc[:-1].tolist()) == row["text"]
+                assert row["domain"] in {"news", "shakespeare", "wikitext"} and row["url"].startswith("http")
+            seen += table.num_rows
+            tokens[split] += h["n_tokens"]
+    assert seen == len(docs)
+    assert (tokens["train"], tokens["validation"]) == (c["tokens_train"], c["tokens_val"])
+    assert c["tokens_out"] == sum(tokens.values())
+
+    # copies of one document land on the same side as the original
+    split = read_split(st)
+    assert all(split[i] == split[base_id(i)] for i in split if "#r" in i)
+    # a window read by byte range equals the same slice of the whole shard
+    shard = TokenShard(st, "tokens/train/00001.bin")
+    assert np.array_equal(shard.read(123, 77), shard.read_all()[123:200])
+    with pytest.raises(IndexError):
+        shard.read(shard.n_tokens - 5, 10)
+
+
+def test_split_is_stable_when_the_input_grows(tmp_path):
+    root = str(tmp_path)
+    cfg = load_tiny(tmp_path, {**FAST, "run.seed": 7})
+    small, big = mixed_docs(60, 60, 15), mixed_docs(181, 200, 60)
+    build(root, "small", small, cfg)
+    m = build(root, "big", big, cfg)
+    a, b = read_split(Storage(root).sub("small", "shard")), read_split(Storage(root).sub("big", "shard"))
+    assert set(a) < set(b)
+    assert {i: b[i] for i in a} == a  # no document switched sides
+    assert {i: split_of(i, 0.05) for i in a} == a  # the split ignores the run seed
+    assert m["counts"]["docs_val"] > sum(s == "validation" for s in a.values()) > 0
+    assert 0.02 < m["metrics"]["val_share_docs"] < 0.09
+
+
+def test_empty_validation_split(tmp_path):
+    root, docs = str(tmp_path), mixed_docs(30, 30, 0)
+    with pytest.raises(StageError, match=r"^shard: the validation split is empty: none of 60 documents"):
+        build(root, "e", docs, load_tiny(tmp_path, {**FAST, "shard.val_fraction": 1e-6}))
+    m = run_stage("shard", load_tiny(tmp_path, {**FAST, "shard.val_fraction": 0}), root, "e")
+    st = Storage(root).sub("e", "shard")
+    assert m["counts"]["docs_val"] == 0 and st.read_json("index.json")["validation"] == []
+    assert not st.list("tokens/validation") and not st.list("parquet/validation")
+
+
+def test_missing_tokenizer_model_fails_clearly(tmp_path):
+    root = str(tmp_path)
+    seed_split(root, "m", "reweight", mixed_docs(10, 10, 0))
+    seed_files(root, "m", "tokenizer", {"stats.json": b"{}"})
+    with pytest.raises(StageError, match=r"^shard: the tokenizer manifest in .*/m/tokenizer lists no tokenizer.model$"):
+        run_stage("shard", load_tiny(tmp_path, FAST), root, "m")
+
+
+def test_shard_on_s3_with_parallel_workers(s3_bucket, tmp_path):
+    root, docs = s3_bucket + "/runs", with_copies(mixed_docs(40, 40, 10))
+    m = build(root, "s3", docs, load_tiny(tmp_path, {**FAST, "run.workers": 2}))
+    st = Storage(root).sub("s3", "shard")
+    assert m["counts"]["documents_out"] == len(docs) and m["location"].startswith("s3://")
+    listed = {o["path"] for o in m["outputs"]}
+    assert {"tokens/validation/00000.idx", "parquet/train/00001.parquet"} <= listed
+    shard = TokenShard(st, "tokens/train/00000.bin")
+    off = shard.doc_offsets()
+    window = shard.read(int(off[1]), int(off[2] - off[1]))
+    sp = spm.SentencePieceProcessor(model_proto=Storage(root).sub("s3", "tokenizer").read_bytes("tokenizer.model"))
+    row = pq.read_table(io.BytesIO(st.read_bytes("parquet/train/00000.parquet"))).slice(1, 1).to_pylist()[0]
+    assert window[-1] == 2 and sp.decode(window[:-1].tolist()) == row["text"]
+    val = pq.read_schema(io.BytesIO(st.read_bytes("parquet/validation/00000.parquet")))
+    assert val.equals(parquet_schema()) and pa.types.is_int32(val.field("n_tokens").type)

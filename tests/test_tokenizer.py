@@ -1,0 +1,84 @@
+"""tokenizer: sentencepiece trained on real mixed text; deterministic bytes, fixed ids, lossless round trip."""
+
+import pytest
+import sentencepiece as spm
+from conftest import SHARED, load_tiny
+from test_reweight import mixed_docs, seed_split
+
+from stages.core.runner import StageError, run_stage
+from stages.core.storage import Storage
+from stages.reweight import base_id
+from stages.tokenizer import Config, _chunks, _plan
+
+FAST = {"run.tasks": 2, "run.workers": 1}
+
+
+def load_sp(root, run) -> tuple[spm.SentencePieceProcessor, bytes, dict]:
+    st = Storage(root).sub(run, "tokenizer")
+    model = st.read_bytes("tokenizer.model")
+    return spm.SentencePieceProcessor(model_proto=model), model, st.read_json("stats.json")
+
+
+def test_deterministic_ids_and_lossless_round_trip(tmp_path):
+    root, docs = str(tmp_path), mixed_docs()
+    over = {**FAST, "tokenizer.sample_bytes": 1_500_000, "tokenizer.heldout_fraction": 0.05,
+            "tokenizer.user_defined_symbols": ["<|sep|>"]}
+    cfg = load_tiny(tmp_path, over)
+    for run in ("a", "b"):
+        seed_split(root, run, "reweight", docs)
+        m = run_stage("tokenizer", cfg, root, run)
+    sp, model, stats = load_sp(root, "a")
+    assert model == load_sp(root, "b")[1]  # same input -> identical model bytes
+    assert Storage(root).sub("a", "tokenizer").read_bytes("tokenizer.vocab").count(b"\n") == 4096
+
+    # fixed special ids, recorded in stats.json and the manifest
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.get_piece_size()) == (0, 1, 2, 3, 4096)
+    assert {k: m["metrics"][k] for k in ("unk_id", "bos_id", "eos_id", "pad_id", "vocab_size")} == \
+        {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3, "vocab_size": 4096}
+    sep = stats["user_defined"]["<|sep|>"]
+    assert sep > 3 and sp.encode("first<|sep|>second").count(sep) == 1
+
+    # the sample is capped and never contains a held-out document
+    assert 1_500_000 <= stats["sample_bytes"] < 1_500_000 + 110_000 and stats["sample_docs"] < len(docs)
+    held = set(stats["heldout_ids"])
+    assert len(held) == stats["heldout_docs"] >= 0.04 * len(docs)
+    assert 2.5 < m["metrics"]["bytes_per_token"] < 5 and m["metrics"]["byte_fallback_share"] < 0.02
+    assert m["metrics"]["roundtrip_ok"] == 1.0
+
+    # decode(encode(text)) == text on real text: held-out documents, indentation, and unseen scripts
+    by_id = {d["id"]: d["text"] for d in docs}
+    code = (SHARED / "extraction-benchmark" / "ground-truth.json").read_text()[:5000]  # JSON: quotes, escapes
+    texts = [by_id[i] for i in held] + [code, "  indented\n\tline\n\n\n  naïve café — 東京 🚀\r\n"]
+    for t in texts:
+        assert sp.decode(sp.encode(t)) == t
+    ids = sp.encode("東京 🚀")
+    assert any(sp.is_byte(i) for i in ids) and sp.unk_id() not in ids  # byte fallback, never <unk>
+    assert "\n\n" in [sp.id_to_piece(i) for i in range(sp.get_piece_size())]  # newlines are learnt
+
+
+def test_plan_holds_out_whole_documents_with_their_copies():
+    meta = [(f"d{i}", f"d{i}", 1000) for i in range(400)] + [(f"d{i}#r1", f"d{i}", 1000) for i in range(0, 400, 3)]
+    cfg = Config(sample_bytes=200_000, heldout_fraction=0.05)
+    heldout, train = _plan(meta, 1, cfg)
+    assert len(heldout) == 20 and len(train) == 200
+    assert not {base_id(i) for i in train} & heldout
+    assert _plan(meta, 1, cfg) == (heldout, train) and _plan(meta, 2, cfg) != (heldout, train)
+
+
+def test_unigram_and_clear_error_on_too_small_corpus(tmp_path):
+    root = str(tmp_path)
+    seed_split(root, "u", "reweight", mixed_docs(30, 30, 3))
+    m = run_stage("tokenizer", load_tiny(tmp_path, {**FAST, "tokenizer.model_type": "unigram",
+                                                    "tokenizer.vocab_size": 1000}), root, "u")
+    sp, _, stats = load_sp(root, "u")
+    assert stats["model_type"] == "unigram" and sp.get_piece_size() == 1000 and m["metrics"]["roundtrip_ok"] == 1
+
+    seed_split(root, "s", "reweight", mixed_docs(2, 1, 0))
+    with pytest.raises(StageError, match=r"^tokenizer: sentencepiece training failed on 2 documents .*: Vocabulary"):
+        run_stage("tokenizer", load_tiny(tmp_path, FAST), root, "s")
+
+
+def test_chunks_keep_text_and_respect_the_limit():
+    text = (SHARED / "eval" / "tinyshakespeare" / "input.txt").read_text()[:50000] + "x" * 9000 + "é" * 5000
+    parts = list(_chunks(text, 4096))
+    assert "".join(parts) == text and max(len(p.encode()) for p in parts) <= 4096

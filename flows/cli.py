@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             from flows.pipeline import pipeline
 
             stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-            pipeline(config=args.config, storage=uri, run_id=rid, stages=stages, overrides=overrides,
-                     force=args.force)
-            print(summary.render(summary.collect(uri, rid)))
+            result = pipeline(config=args.config, storage=uri, run_id=rid, stages=stages, overrides=overrides,
+                              force=args.force)
+            print(summary.render(result))
         else:
             print(summary.render(summary.collect(uri, rid)))
     except ConfigError as e:

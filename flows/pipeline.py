@@ -40,9 +40,12 @@ def pipeline(config: str = DEFAULT_CONFIG, storage: str | None = None, run_id: s
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+    ran = {}
     for stage in selected:  # the DAG is a chain in this order: each stage waits for NEEDS[stage]
-        stage_task.with_options(name=stage)(stage, config, overrides, uri, rid, force)
+        ran[stage] = stage_task.with_options(name=stage)(stage, config, overrides, uri, rid, force)
     result = summary.collect(uri, rid)
+    for row in result["stages"]:
+        row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)
     create_markdown_artifact(key=re.sub(r"[^a-z0-9-]+", "-", f"kiln-summary-{rid}".lower()),
                              markdown="```\n" + summary.render(result) + "\n```",
                              description=f"Kiln run {rid}: data funnel, checkpoint and evaluation")

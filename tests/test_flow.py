@@ -14,10 +14,11 @@ from stages import STAGES
 from stages.core.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
-CRAWL_FILE = str(ROOT.parent / "shared" / "data" / "crawl" / "www.postgresql.org-0000.warc.gz")
-# a small but real slice: one crawl file, a short training run
-SMALL = {"ingest.inputs": [CRAWL_FILE], "train.max_steps": 12, "train.eval_every": 0,
-         "evaluate.max_tokens": 4096, "tokenizer.vocab_size": 1024}
+CRAWL = ROOT.parent / "shared" / "data" / "crawl"
+SLICE = [str(CRAWL / "docs.djangoproject.com-0001.warc.gz"), str(CRAWL / "docs.python.org-0002.warc.gz")]
+# a small but real slice: two crawl files (126 pages, two domains), a short training run
+SMALL = {"ingest.inputs": SLICE, "train.steps": 12, "train.checkpoint_every": 6, "train.warmup_steps": 2,
+         "tokenizer.vocab_size": 1024, "evaluate.val_tokens": 4096, "evaluate.doc_tokens": 4096}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_full_dag_on_s3_through_prefect(prefect_api, s3_bucket):
 
 def test_cli_runs_stages_locally_and_reruns_are_skipped(tmp_path):
     env = {**os.environ, "KILN_STORAGE": str(tmp_path / "art"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "flows.cli", "stage", "ingest", "--set", f"ingest.inputs=[{CRAWL_FILE}]"]
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "ingest", "--set", f"ingest.inputs=[{SLICE[1]}]"]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "ingest: done" in first.stdout

@@ -11,6 +11,7 @@ from typing import Any
 
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.stats import Stats
 
 from stages.core.runner import StageContext
 
@@ -26,6 +27,7 @@ class Tally(PipelineStep):
     def __init__(self, label: str = "tally"):
         super().__init__()
         self.name = label
+        self.stats = Stats(str(self))  # datatrove names the stats block in __init__, before our label
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
@@ -33,6 +35,24 @@ class Tally(PipelineStep):
             self.stat_update("bytes", value=len(doc.text.encode("utf-8")))
             self.stat_update("words", value=len(doc.text.split()))
             yield doc
+
+
+def upstream_reader(ctx: StageContext, stage: str, **kwargs):
+    """A datatrove JsonlReader over exactly the ``data/`` files that ``stage``'s manifest lists."""
+    from datatrove.pipeline.readers import JsonlReader
+
+    files = ctx.input_files(stage, prefix="data/", suffix=".jsonl.gz")
+    paths_file = os.path.join(ctx.workdir, f"{stage}-inputs.txt")
+    with open(paths_file, "w") as f:
+        f.writelines(p[len("data/"):] + "\n" for p in files)
+    return JsonlReader(ctx.input(stage).datafolder("data"), paths_file=paths_file, **kwargs)
+
+
+def docs_writer(ctx: StageContext):
+    """The documents a data stage passes on: datatrove JSONL in ``data/``, one file per task."""
+    from datatrove.pipeline.writers import JsonlWriter
+
+    return JsonlWriter(ctx.out.datafolder("data"), output_filename="${rank}.jsonl.gz")
 
 
 def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int | None = None,
@@ -68,6 +88,14 @@ def stats_by_block(pipeline_stats) -> dict[str, dict[str, Any]]:
             vals[k] = v.total if hasattr(v, "total") else v
         out[key] = vals
     return out
+
+
+def block_stats(stats: dict, name: str) -> dict:
+    """One block's stats from ``run_pipeline`` (keys are datatrove's ``"<type>: <name>"`` or plain names)."""
+    for key, vals in stats.items():
+        if key == name or key.endswith(f": {name}"):
+            return vals
+    return {}
 
 
 def tally_counts(block: dict[str, Any]) -> dict[str, int]:

@@ -1,0 +1,224 @@
+"""train: a GPT decoder trained with data parallelism on the shard stage's token shards.
+
+``run`` checks the inputs, writes a spec, and launches ``torchrun`` as a subprocess (one process per
+rank, gloo on CPU, DDP); ``stages.train.worker`` does the training. Layout, torchtitan-style:
+``model.py`` (pure model), ``parallel.py`` (process group, DDP), ``data.py`` (batches from shards),
+``checkpoint.py`` (weights + config in storage), ``worker.py`` (the training loop).
+
+Outputs: ``checkpoints/step_NNNNNN/{model.pt,model_config.json}`` every ``checkpoint_every`` steps and
+at the end, ``final/{model.pt,model_config.json}``, ``metrics.jsonl`` (step, loss, lr, tokens/s) and
+``logs/torchrun.log``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from stages.core.config import Strict
+from stages.core.runner import StageContext, StageError, StageResult
+
+log = logging.getLogger("kiln.train")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ModelConfig(Strict):
+    d_model: int = Field(128, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    seq_len: int = Field(256, ge=8)
+    ffn_mult: float = Field(8 / 3, gt=0)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+class Config(Strict):
+    model: ModelConfig = ModelConfig()
+    nproc: int = Field(2, ge=1)  # processes (ranks) torchrun starts
+    backend: Literal["gloo", "nccl"] = "gloo"  # nccl needs device: cuda
+    device: Literal["cpu", "cuda"] = "cpu"
+    strategy: Literal["ddp"] = "ddp"
+    threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / nproc
+    dtype: Literal["fp32", "bf16"] = "bf16"  # bf16 = autocast for matmuls, fp32 weights and optimizer
+    steps: int = Field(200, ge=1)
+    global_batch: int = Field(16, ge=1)  # sequences per optimizer step, over all ranks
+    micro_batch: int = Field(8, ge=1)  # sequences per forward pass per rank (accumulation fills the rest)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+    checkpoint_every: int = Field(100, ge=0)  # steps; 0 = only at the end
+    log_every: int = Field(5, ge=1)  # steps per metrics.jsonl row (loss averaged over them)
+    timeout_s: int = Field(0, ge=0)  # 0 = no limit
+
+
+def _check_inputs(cfg: Config, ctx: StageContext) -> tuple[dict, list[str]]:
+    """Tokenizer facts and the training shard list, checked before any process starts."""
+    from stages.train.data import ShardError, open_shards
+
+    tok = ctx.inputs["tokenizer"].get("metrics", {})
+    if not isinstance(tok.get("vocab_size"), int) or tok["vocab_size"] <= 0:
+        raise StageError(f"tokenizer manifest in {ctx.input('tokenizer').url()} has no metrics.vocab_size")
+    shards = ctx.input_files("shard", prefix="tokens/train/", suffix=".bin")
+    if not shards:
+        raise StageError(f"shard manifest in {ctx.input('shard').url()} lists no tokens/train/*.bin")
+    if cfg.backend == "nccl" and cfg.device != "cuda":
+        raise StageError("train.backend nccl needs train.device cuda (use gloo on CPU)")
+    if cfg.global_batch % (cfg.micro_batch * cfg.nproc):
+        raise StageError(f"train.global_batch {cfg.global_batch} is not a multiple of "
+                         f"train.micro_batch {cfg.micro_batch} x train.nproc {cfg.nproc}")
+    try:
+        opened = open_shards(ctx.input("shard"), shards, tok["vocab_size"])
+        n_windows = sum(sh.n_tokens // (cfg.model.seq_len + 1) for sh in opened)
+    except ShardError as e:
+        raise StageError(f"train: {e}") from None
+    if n_windows < cfg.global_batch:
+        raise StageError(f"train: {sum(sh.n_tokens for sh in opened)} training tokens make {n_windows} windows of "
+                         f"{cfg.model.seq_len + 1}, fewer than train.global_batch {cfg.global_batch}")
+    return tok, shards
+
+
+def _spec(cfg: Config, ctx: StageContext, tok: dict, shards: list[str]) -> dict:
+    threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // cfg.nproc)
+    train = cfg.model_dump(mode="json", exclude={"model", "nproc", "timeout_s"})
+    return {
+        "model": {**cfg.model.model_dump(), "vocab_size": tok["vocab_size"]},
+        "train": {**train, "threads": threads},
+        "seed": ctx.cfg.run.seed,
+        "shards_uri": ctx.input("shard").url(),
+        "train_shards": shards,
+        "out_uri": ctx.out.url(),
+        "tokenizer": {k: tok.get(k) for k in ("vocab_size", "bos_id", "eos_id", "pad_id")},
+        "summary_path": os.path.join(ctx.workdir, "summary.json"),
+        "error_dir": os.path.join(ctx.workdir, "errors"),
+    }
+
+
+def launch(spec: dict, nproc: int, workdir: str, timeout_s: int = 0) -> tuple[int, list[str], list[str]]:
+    """Run torchrun in its own process group; returns (exit code, all output lines, last stderr lines).
+
+    Output is forwarded to the log as it comes. If this process is interrupted (Ctrl-C, a Prefect
+    cancel) or the timeout passes, the whole group (torchrun and its workers) is terminated."""
+    spec_path = os.path.join(workdir, "train_spec.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f, indent=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "stages.train.worker", spec_path]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS=str(spec["train"]["threads"]), PYTHONUNBUFFERED="1")
+    lines: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    def pump(stream, is_err: bool):
+        for raw in stream:
+            line = raw.rstrip("\n")
+            lines.append(line)
+            if is_err:
+                tail.append(line)
+            log.info("%s", line)
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, False), daemon=True),
+             threading.Thread(target=pump, args=(proc.stderr, True), daemon=True)]
+    for th in pumps:
+        th.start()
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    try:
+        while True:  # short waits: a blocking waitpid() would not notice a Ctrl-C delivered to another thread
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+    except BaseException:  # interrupted or timed out: no orphaned ranks
+        _kill_group(proc)
+        raise
+    for th in pumps:
+        th.join(timeout=10)
+    return rc, lines, list(tail)
+
+
+def _die_with_parent() -> None:
+    """Linux: torchrun gets SIGTERM (and stops its ranks) if this process dies without cleaning up (SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_pids(root: int) -> list[int]:
+    """Descendants of ``root`` (torchrun's rank processes), from /proc; empty where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM torchrun's group (torchrun then stops its ranks), SIGKILL whatever is left after a grace period.
+    Ranks run in process groups of their own, so they are found as torchrun's descendants first."""
+    ranks = _worker_pids(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    for pid in ranks:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"stages.train.worker" in f.read():  # still ours, not a reused pid
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    tok, shards = _check_inputs(cfg, ctx)
+    spec = _spec(cfg, ctx, tok, shards)
+    try:
+        rc, lines, err_tail = launch(spec, cfg.nproc, ctx.workdir, cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StageError(f"train: torchrun exceeded train.timeout_s={cfg.timeout_s}s and was stopped") from None
+    ctx.out.write_bytes("logs/torchrun.log", ("\n".join(lines) + "\n").encode())
+    if rc != 0:
+        errs = []
+        if os.path.isdir(spec["error_dir"]):
+            errs = sorted(open(os.path.join(spec["error_dir"], f)).read().strip()
+                          for f in os.listdir(spec["error_dir"]))
+        cause = errs[0] if errs else " | ".join(l.strip() for l in err_tail[-5:] if l.strip())
+        raise StageError(f"train: torchrun exited with code {rc}: {cause}")
+    with open(spec["summary_path"]) as f:
+        summary = json.load(f)
+    outputs = [p for p in ctx.out.list() if not p.endswith("manifest.json")]
+    counts = {"tokens_trained": summary.pop("tokens_trained"), "steps": summary.pop("steps")}
+    return StageResult(outputs=outputs, counts=counts, metrics={**summary, "train_shards": len(shards)})

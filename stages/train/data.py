@@ -1,0 +1,106 @@
+"""Training batches from Kiln token shards (stages/core/tokens.py), read through Storage (local or S3).
+
+The shards are cut into non-overlapping windows of ``seq_len + 1`` tokens (inputs + shifted targets;
+windows never cross a shard boundary). Every epoch visits the windows in a permutation fixed by
+(seed, epoch), so batch ``step`` is a pure function of (seed, step): any rank can compute its part of
+any step without coordination, and a resumed run gets exactly the batches it would have seen.
+Global batch ``step`` holds windows ``order[step*B : (step+1)*B]``; rank r takes the r-th contiguous
+slice of it, cut into micro-batches. A 1-rank and an N-rank run therefore see the same global batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages.core.tokens import HEADER_BYTES, TokenShard
+
+
+class ShardError(ValueError):
+    """A token shard is missing, unreadable or inconsistent; the message names the file."""
+
+
+def open_shards(storage, rels: list[str], vocab_size: int | None = None) -> list[TokenShard]:
+    """Open and check shards: header, file size against the header, vocabulary, and the .idx beside it."""
+    if not rels:
+        raise ShardError(f"no token shards found in {storage.url()}")
+    shards = []
+    for rel in rels:
+        url = storage.url(rel)
+        if not storage.exists(rel):
+            raise ShardError(f"{url}: token shard missing")
+        try:
+            sh = TokenShard(storage, rel)
+        except Exception as e:  # noqa: BLE001 - any failure to parse is a bad shard
+            raise ShardError(f"{url}: unreadable token shard ({e})") from None
+        want = HEADER_BYTES + sh.n_tokens * sh.dtype.itemsize
+        if storage.size(rel) != want:
+            raise ShardError(f"{url}: size {storage.size(rel)} bytes, header says {want} (truncated or corrupt)")
+        if vocab_size is not None and sh.header["vocab_size"] != vocab_size:
+            raise ShardError(f"{url}: vocabulary {sh.header['vocab_size']} != tokenizer's {vocab_size}")
+        if not storage.exists(rel[:-4] + ".idx"):
+            raise ShardError(f"{storage.url(rel[:-4] + '.idx')}: document index missing")
+        shards.append(sh)
+    return shards
+
+
+class WindowDataset:
+    """Non-overlapping windows of ``window`` tokens over a list of shards."""
+
+    def __init__(self, shards: list[TokenShard], window: int, preload_bytes: int = 512 << 20):
+        self.shards, self.window = shards, window
+        counts = [sh.n_tokens // window for sh in shards]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # window index -> shard
+        self.n_windows = int(self.starts[-1])
+        self.n_tokens = self.n_windows * window
+        total = sum(sh.n_tokens * sh.dtype.itemsize for sh in shards)
+        # small corpora are read once; large ones by one range read per window
+        self.cache = None
+        if total <= preload_bytes:
+            self.cache = [self._checked(sh, sh.read_all()) for sh in shards]
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        off = (i - int(self.starts[s])) * self.window
+        if self.cache is not None:
+            return self.cache[s][off: off + self.window]
+        return self._checked(self.shards[s], self.shards[s].read(off, self.window))
+
+    @staticmethod
+    def _checked(sh: TokenShard, tokens: np.ndarray) -> np.ndarray:
+        if tokens.size and int(tokens.max()) >= sh.header["vocab_size"]:
+            raise ShardError(f"{sh.storage.url(sh.rel)}: token id {int(tokens.max())} outside the vocabulary of "
+                             f"{sh.header['vocab_size']} (corrupt shard)")
+        return tokens
+
+
+class BatchSampler:
+    """Deterministic global batches of window indices, split per rank and micro-batch."""
+
+    def __init__(self, n_windows: int, global_batch: int, seed: int):
+        if n_windows < global_batch:
+            raise ShardError(f"only {n_windows} training windows, fewer than one global batch of {global_batch}")
+        self.n, self.B, self.seed = n_windows, global_batch, seed
+        self.per_epoch = n_windows // global_batch  # a ragged tail of each epoch's order is skipped
+        self._epoch, self._order = -1, None
+
+    def global_batch(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._order[k * self.B: (k + 1) * self.B]
+
+    def rank_batch(self, step: int, rank: int, world: int) -> np.ndarray:
+        per_rank = self.B // world
+        return self.global_batch(step)[rank * per_rank: (rank + 1) * per_rank]
+
+
+def micro_batches(ds: WindowDataset, idx: np.ndarray, micro: int):
+    """Yield (x, y) int64 tensors of shape (micro, window - 1) for the window indices ``idx``."""
+    import torch  # here, so the stage process can check shards without importing torch
+
+    for j in range(0, len(idx), micro):
+        w = torch.from_numpy(np.stack([ds[int(i)] for i in idx[j: j + micro]]))  # (b, T+1)
+        yield w[:, :-1], w[:, 1:]

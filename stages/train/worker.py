@@ -1,0 +1,147 @@
+"""The training process torchrun starts once per rank: ``python -m stages.train.worker SPEC.json``.
+
+SPEC (written by stages.train.run) holds the resolved settings: model and optimisation config, the
+shard storage and files, the output storage, the seed, and local paths for the summary and errors.
+Rank 0 writes checkpoints, ``metrics.jsonl`` and the summary; a failing rank writes one line to
+``<error_dir>/rank<N>.txt`` so the parent can report the cause instead of torchrun's wrapper trace.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from stages.core.storage import Storage
+from stages.train import parallel
+from stages.train.checkpoint import save_model, step_dir
+from stages.train.data import BatchSampler, WindowDataset, micro_batches, open_shards
+from stages.train.model import GPT, GPTConfig
+
+
+def lr_at(step: int, t: dict) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
+    lr, warm, total = t["lr"], t["warmup_steps"], t["steps"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return lr * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: torch.nn.Module, t: dict) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (>= 2-D: linear weights, embedding), none on norms/biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=1e-8)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16: matmuls in bf16 under autocast; weights, gradients and optimizer state stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def train(spec: dict) -> None:
+    t = spec["train"]
+    d = parallel.init(t["backend"])
+    torch.set_num_threads(t["threads"])
+    torch.manual_seed(spec["seed"])  # identical init on every rank (DDP also broadcasts rank 0's)
+
+    shards = open_shards(Storage(spec["shards_uri"]), spec["train_shards"], spec["model"]["vocab_size"])
+    gcfg = GPTConfig(**spec["model"])
+    ds = WindowDataset(shards, gcfg.seq_len + 1)
+    sampler = BatchSampler(len(ds), t["global_batch"], spec["seed"])
+    accum = t["global_batch"] // (t["micro_batch"] * d.world)
+
+    device = parallel.device(t["device"], d)
+    model = GPT(gcfg).to(device)
+    n_params, flops_tok = model.num_params(), model.flops_per_token()
+    dmodel = parallel.parallelize(model, d, t["strategy"], device)
+    opt = build_optimizer(model, t)
+    out = Storage(spec["out_uri"])
+    tokens_per_step = t["global_batch"] * gcfg.seq_len
+    info = {"tokenizer": spec.get("tokenizer", {}), "seed": spec["seed"]}
+    if d.is_main:
+        print(f"[train] {n_params / 1e6:.2f}M params, {d.world} rank(s), {accum} micro-batch(es) of "
+              f"{t['micro_batch']} per rank, {tokens_per_step} tokens/step, {len(ds)} windows", flush=True)
+
+    metrics, t_start, t_last, tok_since, loss_since, steps_since = [], time.time(), time.time(), 0, 0.0, 0
+    for step in range(t["steps"]):
+        lr = lr_at(step, t)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        batches = micro_batches(ds, sampler.rank_batch(step, d.rank, d.world), t["micro_batch"])
+        for j, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with parallel.no_sync(dmodel, j < accum - 1):
+                with autocast(device, t["dtype"]):
+                    _, loss = dmodel(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"] or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        loss_since, steps_since = loss_since + loss_sum / accum, steps_since + 1
+        tok_since += tokens_per_step
+        done = step + 1
+        if done % t["log_every"] == 0 or done == t["steps"]:
+            loss_mean = parallel.mean(loss_since / steps_since, d)  # over ranks and the steps since last row
+            now = time.time()
+            tps = tok_since / max(now - t_last, 1e-9)
+            row = {"step": done, "loss": round(loss_mean, 5), "lr": lr, "grad_norm": round(float(gnorm), 4),
+                   "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
+                   "gflops_per_s": round(tps * flops_tok / 1e9, 2), "elapsed_s": round(now - t_start, 2)}
+            metrics.append(row)
+            t_last, tok_since, loss_since, steps_since = now, 0, 0.0, 0
+            if d.is_main:
+                print(f"[train] step {done}/{t['steps']} loss {loss_mean:.4f} lr {lr:.2e} "
+                      f"{tps:,.0f} tok/s", flush=True)
+        if d.is_main and t["checkpoint_every"] and done % t["checkpoint_every"] == 0 and done < t["steps"]:
+            save_model(out, step_dir(done), model, gcfg, {**info, "step": done, "tokens": done * tokens_per_step})
+            out.write_bytes("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
+
+    wall = time.time() - t_start
+    if d.is_main:
+        end = {**info, "step": t["steps"], "tokens": t["steps"] * tokens_per_step}
+        save_model(out, step_dir(t["steps"]), model, gcfg, end)
+        save_model(out, "final", model, gcfg, end)
+        out.write_bytes("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
+        tail = [m["loss"] for m in metrics[-5:]]
+        steady = [m["tokens_per_s"] for m in metrics[1:]] or [m["tokens_per_s"] for m in metrics]
+        summary = {"steps": t["steps"], "tokens_trained": t["steps"] * tokens_per_step, "params": n_params,
+                   "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],
+                   "final_loss_avg5": round(sum(tail) / len(tail), 5),
+                   "tokens_per_s": round(sum(steady) / len(steady), 1),
+                   "tokens_per_s_overall": round(t["steps"] * tokens_per_step / wall, 1),
+                   "flops_per_token": flops_tok, "world_size": d.world, "dtype": t["dtype"],
+                   "train_wall_s": round(wall, 2), "train_windows": len(ds)}
+        with open(spec["summary_path"], "w") as f:
+            json.dump(summary, f)
+    parallel.barrier(d)
+    parallel.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        train(spec)
+        return 0
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line, full trace on stderr
+        traceback.print_exc()
+        os.makedirs(spec["error_dir"], exist_ok=True)
+        with open(os.path.join(spec["error_dir"], f"rank{rank}.txt"), "w") as f:
+            f.write(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

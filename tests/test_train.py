@@ -1,0 +1,179 @@
+"""train: real torchrun runs (gloo, 2 ranks and 1 rank) on token shards of real text."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_tiny
+from lm_upstream import build_upstream
+from stages.core.runner import StageError, run_stage
+from stages.core.storage import Storage
+
+# a very small model so a run is seconds: 8 sequences of 64 tokens per step, 2 micro-batches per rank
+SMALL = {"train.model.d_model": 64, "train.model.n_layers": 2, "train.model.n_heads": 2, "train.model.seq_len": 64,
+         "train.global_batch": 8, "train.micro_batch": 2, "train.steps": 30, "train.warmup_steps": 5,
+         "train.lr": 1e-2, "train.checkpoint_every": 10, "train.dtype": "fp32", "train.log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    storage = str(root / "store")
+    facts = build_upstream(storage, "run1", root / "build", max_bytes=300_000, vocab_size=512)
+    return storage, facts
+
+
+@pytest.fixture(scope="module")
+def two_rank(upstream):
+    storage, _ = upstream
+    cfg = load_tiny(None, {**SMALL, "train.nproc": 2})
+    return cfg, run_stage("train", cfg, storage, "run1")
+
+
+def _losses(storage: str, run_id: str) -> list[float]:
+    raw = Storage(storage).sub(run_id, "train").read_bytes("metrics.jsonl").decode()
+    return [json.loads(line)["loss"] for line in raw.splitlines()]
+
+
+def test_two_ranks_train_and_checkpoint(upstream, two_rank):
+    storage, facts = upstream
+    _, m = two_rank
+    assert m["counts"] == {"steps": 30, "tokens_trained": 30 * 8 * 64}
+    losses = _losses(storage, "run1")
+    assert len(losses) == 30
+    assert losses[0] == pytest.approx(np.log(512), abs=0.3)  # starts near uniform over the vocabulary
+    assert np.mean(losses[-5:]) < losses[0] - 1.0  # and clearly learns
+    assert m["metrics"]["world_size"] == 2 and m["metrics"]["tokens_per_s"] > 0 and m["metrics"]["params"] > 0
+
+    out = Storage(storage).sub("run1", "train")
+    paths = {o["path"] for o in m["outputs"]}
+    for d in ("checkpoints/step_000010", "checkpoints/step_000020", "checkpoints/step_000030", "final"):
+        assert {f"{d}/model.pt", f"{d}/model_config.json"} <= paths
+    state = torch.load(io.BytesIO(out.read_bytes("final/model.pt")), weights_only=True)
+    meta = out.read_json("final/model_config.json")
+    assert meta["model"]["vocab_size"] == 512 and meta["step"] == 30 and meta["tokenizer"]["eos_id"] == 2
+
+    from stages.train.checkpoint import load_model
+
+    model, _ = load_model(out, "final")
+    assert torch.equal(model.state_dict()["embed.weight"], state["embed.weight"])
+    # the final weights are the trained ones: better than the step-10 checkpoint on training text
+    early, _ = load_model(out, "checkpoints/step_000010")
+    ids = torch.from_numpy(facts["train"]["stream"][:4 * 65]).view(4, 65)
+    with torch.no_grad():
+        assert model(ids[:, :-1], ids[:, 1:])[1] < early(ids[:, :-1], ids[:, 1:])[1]
+
+
+def test_one_rank_matches_two_ranks(upstream, two_rank):
+    """Same global batch (8 sequences): 1 rank x 4 micro-batches of 2 == 2 ranks x 2 micro-batches of 2,
+    so DDP averages gradients (not sums) and each rank trains on its own part of the batch."""
+    storage, _ = upstream
+    _clone(storage, "run1", "one", ("tokenizer", "shard"))
+    m = run_stage("train", load_tiny(None, {**SMALL, "train.nproc": 1}), storage, "one")
+    assert m["metrics"]["world_size"] == 1
+    one, two = _losses(storage, "one"), _losses(storage, "run1")
+    assert len(one) == len(two) == 30
+    np.testing.assert_allclose(one, two, atol=1e-3)  # measured: identical to 1e-5 over 30 steps
+
+
+def _clone(storage: str, src: str, dst: str, stages) -> None:
+    store = Storage(storage)
+    for stage in stages:
+        for rel in store.sub(src, stage).list():
+            store.sub(dst, stage).write_bytes(rel, store.sub(src, stage).read_bytes(rel))
+
+
+def test_corrupt_and_missing_shards_fail_clearly(upstream, tmp_path):
+    storage, _ = upstream
+    store = Storage(storage)
+    cfg = load_tiny(None, {**SMALL, "train.steps": 2})
+    src = store.sub("run1", "shard")
+    for run_id, damage in (("trunc", "truncate"), ("gone", "delete")):
+        _clone(storage, "run1", run_id, ("tokenizer", "shard"))
+        dst = store.sub(run_id, "shard")
+        if damage == "truncate":
+            dst.write_bytes("tokens/train/00000.bin", src.read_bytes("tokens/train/00000.bin")[:-100])
+        else:
+            dst.rm("tokens/train/00000.bin")
+        with pytest.raises(StageError) as e:
+            run_stage("train", cfg, storage, run_id)
+        msg = str(e.value)
+        assert "\n" not in msg and "tokens/train/00000.bin" in msg
+        assert ("truncated" in msg) if damage == "truncate" else ("missing" in msg)
+
+
+def test_worker_failure_is_one_clear_line(upstream):
+    """A shard whose header is fine but whose tokens are out of the vocabulary fails inside the ranks:
+    torchrun exits non-zero and the stage reports the rank's own message, not torchrun's trace."""
+    storage, _ = upstream
+    _clone(storage, "run1", "bad", ("tokenizer", "shard"))
+    shard = Storage(storage).sub("bad", "shard")
+    raw = bytearray(shard.read_bytes("tokens/train/00000.bin"))
+    raw[64 + 2 * 1000: 64 + 2 * 1001] = np.array([60000], dtype="<u2").tobytes()
+    shard.write_bytes("tokens/train/00000.bin", bytes(raw))
+    with pytest.raises(StageError) as e:
+        run_stage("train", load_tiny(None, {**SMALL, "train.steps": 2}), storage, "bad")
+    msg = str(e.value)
+    assert "\n" not in msg and "exited with code" in msg and "token id 60000 outside the vocabulary" in msg
+
+
+def _ranks_of(spec_marker: str) -> list[int]:
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"stages.train.worker" in cmd and spec_marker.encode() in cmd and b"torch.distributed.run" not in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+def test_interrupt_stops_torchrun_and_ranks(upstream, monkeypatch):
+    """Ctrl-C in the parent while the ranks train: torchrun and every rank are gone afterwards."""
+    import signal
+    import threading
+    import time
+
+    import stages.train as train_stage
+
+    storage, _ = upstream
+    _clone(storage, "run1", "slow", ("tokenizer", "shard"))
+    started, seen = [], []
+
+    class Recording(subprocess.Popen):
+        def __init__(self, cmd, *a, **kw):
+            super().__init__(cmd, *a, **kw)
+            started.append((self.pid, cmd[-1]))
+
+    def interrupt_when_ranks_run():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if started and len(_ranks_of(started[0][1])) == 2:
+                seen.extend(_ranks_of(started[0][1]))
+                time.sleep(1)
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: interrupts the parent's wait()
+                return
+            time.sleep(0.2)
+
+    monkeypatch.setattr(train_stage.subprocess, "Popen", Recording)
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # background shells ignore SIGINT
+    request_cleanup = lambda: signal.signal(signal.SIGINT, old_handler)  # noqa: E731
+    threading.Thread(target=interrupt_when_ranks_run, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_stage("train", load_tiny(None, {**SMALL, "train.steps": 100000}), storage, "slow")
+    finally:
+        request_cleanup()
+    assert len(seen) == 2
+    with pytest.raises(ProcessLookupError):
+        os.killpg(started[0][0], 0)  # torchrun's group is gone
+    assert _ranks_of(started[0][1]) == []  # and so are the ranks (each in a group of its own)

@@ -24,7 +24,8 @@ def stage_task(stage: str, config: str, overrides: dict, storage: str, run_id: s
     manifest = run_stage(stage, load_config(config, overrides), storage, run_id, force=force)
     c = manifest.get("counts", {})
     state = "skipped (already complete)" if manifest.get("skipped") else f"{manifest['wall_time_s']:.1f}s"
-    get_run_logger().info("%s: %s; documents %s -> %s", stage, state, c.get("documents_in"), c.get("documents_out"))
+    docs = f"; documents {c['documents_in']} -> {c['documents_out']}" if "documents_out" in c else ""
+    get_run_logger().info("%s: %s%s", stage, state, docs)
     return {"stage": stage, "location": manifest["location"], "fingerprint": manifest["fingerprint"],
             "counts": c, "skipped": bool(manifest.get("skipped"))}
 

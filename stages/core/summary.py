@@ -47,7 +47,7 @@ def _eval_lines(ev) -> list[str]:
     for name, res in sets.items():
         if isinstance(res, dict):
             keys = [k for k in ("loss", "perplexity", "bits_per_byte", "tokens") if k in res]
-            lines.append(f"  {name:<14}" + "  ".join(f"{k}={_n(res[k])}" for k in keys))
+            lines.append(f"  {name:<16}" + "  ".join(f"{k}={_n(res[k])}" for k in keys))
     return lines
 
 

@@ -78,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             from flows.pipeline import pipeline
 
             stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-            result = pipeline(config=args.config, storage=uri, run_id=rid, stages=stages, overrides=overrides,
-                              force=args.force)
-            print(summary.render(result))
+            state = pipeline(config=args.config, storage=uri, run_id=rid, stages=stages, overrides=overrides,
+                             force=args.force, return_state=True)
+            if not state.is_completed():
+                print(summary.render(summary.collect(uri, rid)), file=sys.stderr)
+                print(f"kiln: flow run failed: {state.message}", file=sys.stderr)
+                return EXIT_FAILED
+            print(summary.render(state.result()))
         else:
             print(summary.render(summary.collect(uri, rid)))
     except ConfigError as e:

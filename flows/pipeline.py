@@ -11,17 +11,22 @@ import re
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from flows import DEFAULT_CONFIG
 from stages import STAGES
 from stages.core import summary
-from stages.core.config import default_run_id, load_config, storage_uri
-from stages.core.runner import run_stage
+from stages.core.config import ConfigError, default_run_id, load_config, storage_uri
+from stages.core.runner import StageError, run_stage
 
 
 @task(cache_policy=NO_CACHE)
-def stage_task(stage: str, config: str, overrides: dict, storage: str, run_id: str, force: bool) -> dict:
-    manifest = run_stage(stage, load_config(config, overrides), storage, run_id, force=force)
+def stage_task(stage: str, config: str, overrides: dict, storage: str, run_id: str, force: bool):
+    try:
+        manifest = run_stage(stage, load_config(config, overrides), storage, run_id, force=force)
+    except (StageError, ConfigError) as e:  # the user's problem, said in one line: no traceback
+        get_run_logger().error("%s", e)
+        return Failed(message=str(e))
     c = manifest.get("counts", {})
     state = "skipped (already complete)" if manifest.get("skipped") else f"{manifest['wall_time_s']:.1f}s"
     docs = f"; documents {c['documents_in']} -> {c['documents_out']}" if "documents_out" in c else ""
@@ -35,7 +40,11 @@ def pipeline(config: str = DEFAULT_CONFIG, storage: str | None = None, run_id: s
              stages: list[str] | None = None, overrides: dict | None = None, force: bool = False) -> dict:
     """Crawl to checkpoint. `stages` limits the run to some stages (their inputs must exist)."""
     overrides = overrides or {}
-    cfg = load_config(config, overrides)  # a bad profile fails here, before any stage starts
+    try:
+        cfg = load_config(config, overrides)  # a bad profile fails here, before any stage starts
+    except ConfigError as e:
+        get_run_logger().error("config error: %s", e)
+        return Failed(message=f"config error: {e}")
     uri, rid = storage_uri(cfg, storage), run_id or default_run_id(cfg)
     selected = [s for s in STAGES if not stages or s in stages]
     unknown = sorted(set(stages or []) - set(STAGES))
@@ -43,7 +52,10 @@ def pipeline(config: str = DEFAULT_CONFIG, storage: str | None = None, run_id: s
         raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
     ran = {}
     for stage in selected:  # the DAG is a chain in this order: each stage waits for NEEDS[stage]
-        ran[stage] = stage_task.with_options(name=stage)(stage, config, overrides, uri, rid, force)
+        state = stage_task.with_options(name=stage)(stage, config, overrides, uri, rid, force, return_state=True)
+        if not state.is_completed():  # later stages do not start
+            return Failed(message=state.message or f"stage '{stage}' failed")
+        ran[stage] = state.result()
     result = summary.collect(uri, rid)
     for row in result["stages"]:
         row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)

@@ -81,3 +81,18 @@ def test_cli_runs_stages_locally_and_reruns_are_skipped(tmp_path):
     assert manifest["counts"]["documents_out"] > 0
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert second.returncode == 0 and "already complete, skipped" in second.stdout
+
+
+def test_failed_stage_fails_the_flow_in_one_line(prefect_api, tmp_path):
+    from flows.pipeline import pipeline
+
+    bad = tmp_path / "in"
+    bad.mkdir()
+    (bad / "random.warc.gz").write_bytes(os.urandom(10_000))
+    state = pipeline(storage=str(tmp_path / "art"), run_id="bad",
+                     overrides={"ingest.inputs": [str(bad / "*.warc.gz")], "run.workers": 1}, return_state=True)
+    assert state.is_failed()
+    assert "stage 'ingest' produced 0 documents" in state.message
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.name.split("-")[0] for r in runs] == ["ingest"] and runs[0].state.is_failed()
+    assert not Storage(str(tmp_path / "art")).exists("bad/ingest/manifest.json")

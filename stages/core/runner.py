@@ -141,9 +141,11 @@ def run_stage(stage: str, cfg, storage: str | Storage, run_id: str, force: bool 
 
     docs_out = result.counts.get("documents_out")
     if docs_out is not None and docs_out <= 0:
-        removed = result.counts.get("removed") or {}
+        removed = {k: v for k, v in (result.counts.get("removed") or {}).items() if v}
+        files = {k: v for k, v in (result.counts.get("files_skipped") or {}).items() if v}
+        why = f"removed: {removed or 'none'}" + (f"; files skipped: {files}" if files else "")
         raise StageError(f"stage '{stage}' produced 0 documents from {result.counts.get('documents_in', 0)} "
-                         f"in (removed: {removed or 'nothing recorded'}); no manifest written")
+                         f"in ({why}); no manifest written")
     outputs = []
     for rel in sorted(set(result.outputs)):
         if not out.exists(rel):

@@ -19,7 +19,6 @@ import contextlib
 import io
 import posixpath
 import re
-import zlib
 from urllib.parse import urlsplit
 
 from pydantic import Field
@@ -177,13 +176,11 @@ def _warc_reader_cls():
             record it hit a ``corrupt_record`` skip and the file a ``corrupt_files`` skip (one log line)."""
             from datatrove.utils.logging import logger  # not a closure variable: the block must pickle
             from warcio.archiveiterator import ArchiveIterator
-            from warcio.exceptions import ArchiveLoadFailed
-            from warcio.statusandheaders import StatusAndHeadersParserException
 
             from stages.core.storage import open_input
 
             self.stat_update("input_files")
-            records = 0
+            records, pending = 0, False
             try:
                 with open_input(path) as f:
                     it = iter(ArchiveIterator(f, arc2warc=True))
@@ -194,14 +191,15 @@ def _warc_reader_cls():
                             break
                         records += 1
                         self.stat_update("records")
+                        pending = True  # this record is not yet a document or a counted skip
                         with self.track_time(), _warcio_stderr() as err:
                             doc = self.read_record(record, path, records - 1)
                             while record.raw_stream.read(1 << 20):  # to the record's end: detects truncation
                                 pass
                         if record.raw_stream.limit > 0 or err.getvalue():
-                            self.stat_update("skip_corrupt_record")
                             raise CorruptInput(err.getvalue().strip().splitlines()[0] if err.getvalue() else
                                                f"record {records} ends {record.raw_stream.limit} bytes early")
+                        pending = False
                         if isinstance(doc, str):
                             self.stat_update(f"skip_{doc}")
                             continue
@@ -210,8 +208,9 @@ def _warc_reader_cls():
                 if records == 0:
                     self.stat_update("empty_files")
                     logger.warning(f"ingest: skipped {path}: no WARC records (empty file)")
-            except (CorruptInput, ArchiveLoadFailed, StatusAndHeadersParserException, EOFError, OSError,
-                    ValueError, zlib.error) as e:  # one line, counted; records before the damage are kept
+            except Exception as e:  # any damage (warcio raises many kinds): one line, counted; earlier records kept
+                if pending:
+                    self.stat_update("skip_corrupt_record")
                 self.stat_update("corrupt_files")
                 msg = (str(e).strip().splitlines() or [""])[0].encode("ascii", "backslashreplace").decode()[:120]
                 logger.warning(f"ingest: skipped rest of corrupt file {path} after {records} records: "

@@ -1,7 +1,7 @@
 """The stage runner's promises: manifests written last, skip by fingerprint, re-run downstream on change,
 nothing partial left behind, and never a zero-document success."""
 
-import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +58,7 @@ def test_missing_upstream_names_the_stage(tmp_path):
 def test_zero_documents_is_a_failure_without_manifest(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    (src / "random.warc.gz").write_bytes(os.urandom(20_000))
+    (src / "random.warc.gz").write_bytes(random.Random(11).randbytes(20_000))
     cfg = load_tiny(None, {"ingest.inputs": [str(src / "*.warc.gz")], "run.workers": 1})
     with pytest.raises(StageError, match=r"stage 'ingest' produced 0 documents .* no manifest written"):
         run_stage("ingest", cfg, str(tmp_path / "st"), "r")

@@ -82,7 +82,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
                                                       ExactFindDedups)
 
-    from stages.core.pipeline import Tally, docs_writer, run_pipeline, tally_counts, upstream_reader
+    from stages.core.pipeline import data_result, output_steps, run_pipeline, upstream_reader
 
     def scratch(name: str) -> str:  # signatures, buckets, clusters: local scratch of the local executor
         return os.path.join(ctx.workdir, name)
@@ -123,16 +123,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     steps = [read(), *exact_filter()]
     if cfg.near:
         steps.append(MinhashDedupFilter(scratch("mh_remove")))
-    steps += [Tally("tally_out"), docs_writer(ctx)]
-    blocks = run_pipeline(ctx, steps, name="dedup_filter")
+    blocks = run_pipeline(ctx, steps + output_steps(ctx), name="dedup_filter")
     metrics["blocks"]["filter"] = blocks
-    names = list(blocks)
-    reader = blocks[names[0]]
-    exact = blocks[names[1]] if cfg.exact else {}
-    near = blocks[names[1 + cfg.exact]] if cfg.near else {}
-    tally = tally_counts(blocks[names[-2]])
-    counts = {"documents_in": int(reader.get("documents", 0)), "documents_out": tally["documents"],
-              "bytes_out": tally["bytes"], "words_out": tally["words"],
-              "removed": {"exact": int(exact.get("dropped", 0)), "near_duplicate": int(near.get("dropped", 0))},
-              "near_duplicate_clusters": clusters}
-    return StageResult(outputs=ctx.out.list("data", suffix=".jsonl.gz"), counts=counts, metrics=metrics)
+    reader, *removers = list(blocks.values())[:len(steps)]  # the reader, then the enabled filters in order
+    exact = removers.pop(0) if cfg.exact else {}
+    near = removers.pop(0) if cfg.near else {}
+    removed = {"exact": int(exact.get("dropped", 0)), "near_duplicate": int(near.get("dropped", 0))}
+    return data_result(ctx, blocks, int(reader.get("documents", 0)), removed, metrics=metrics,
+                       near_duplicate_clusters=clusters)

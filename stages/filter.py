@@ -183,31 +183,28 @@ def build_filters(cfg: Config) -> list[tuple[str, object]]:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-
-    from stages.core.pipeline import Tally, docs_writer, run_pipeline, tally_counts, upstream_reader
+    from stages.core.pipeline import data_result, output_steps, run_pipeline, upstream_reader
 
     filters = build_filters(cfg)
     steps = [upstream_reader(ctx, "dedup"), *(f for _, f in filters)]
     if cfg.pii.enabled:
         steps.append(_pii_cls()(remove_emails=cfg.pii.emails, remove_ips=cfg.pii.ips,
                                 only_remove_public_ips=cfg.pii.only_public_ips))
-    steps += [Tally("tally_out"), docs_writer(ctx)]
-    blocks = run_pipeline(ctx, steps, name="filter")
+    blocks = run_pipeline(ctx, steps + output_steps(ctx), name="filter")
     stats = list(blocks.values())
     removed, reasons = {}, {}
     for (key, _), st in zip(filters, stats[1:]):
         removed[key] = int(st.get("dropped", 0))
         reasons[key] = {k[8:]: int(v) for k, v in st.items() if k.startswith("dropped_")}
     pii = stats[1 + len(filters)] if cfg.pii.enabled else {}
-    tally = tally_counts(stats[-2])
-    counts = {"documents_in": int(stats[0].get("documents", 0)), "documents_out": tally["documents"],
-              "bytes_out": tally["bytes"], "words_out": tally["words"], "removed": removed,
-              "redacted": {"documents": int(pii.get("redacted", 0)), "emails": int(pii.get("redacted_emails", 0)),
-                           "ips": int(pii.get("redacted_ips", 0))}}
-    if 0 < tally["documents"] < cfg.min_documents_out:
+    result = data_result(ctx, blocks, int(stats[0].get("documents", 0)), removed,
+                         metrics={"blocks": blocks, "reasons": reasons},
+                         redacted={"documents": int(pii.get("redacted", 0)),
+                                   "emails": int(pii.get("redacted_emails", 0)), "ips": int(pii.get("redacted_ips", 0))})
+    kept = result.counts["documents_out"]
+    if 0 < kept < cfg.min_documents_out:
         worst = max(removed, key=removed.get) if removed else "none"
-        raise StageError(f"filter kept {tally['documents']} of {counts['documents_in']} documents "
+        raise StageError(f"filter kept {kept} of {result.counts['documents_in']} documents "
                          f"(< filter.min_documents_out={cfg.min_documents_out}); most removed by '{worst}': "
                          f"loosen filter.{worst}")
-    return StageResult(outputs=ctx.out.list("data", suffix=".jsonl.gz"), counts=counts,
-                       metrics={"blocks": blocks, "reasons": reasons})
+    return result

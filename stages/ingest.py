@@ -281,8 +281,7 @@ def _input_files(cfg: Config, ctx: StageContext) -> list[tuple[str, int]]:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-
-    from stages.core.pipeline import Tally, docs_writer, run_pipeline, tally_counts
+    from stages.core.pipeline import data_result, output_steps, run_pipeline
 
     files = _input_files(cfg, ctx)
     tasks = max(1, min(ctx.cfg.run.tasks, len(files)))
@@ -290,10 +289,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     extractor = _extractor_cls()(inline_code_as_text=cfg.inline_code_as_text, timeout=cfg.extract_timeout,
                                  favour_precision=cfg.favour_precision, deduplicate=cfg.deduplicate,
                                  include_tables=cfg.include_tables, no_fallback=not cfg.fallback)
-    steps = [reader, extractor, Tally("tally_out"),
-             docs_writer(ctx)]
-    blocks = run_pipeline(ctx, steps, name="ingest", tasks=tasks)
-    rd, ex, out = (blocks[k] for k in list(blocks)[:3])
+    blocks = run_pipeline(ctx, [reader, extractor, *output_steps(ctx)], name="ingest", tasks=tasks)
+    rd, ex = (blocks[k] for k in list(blocks)[:2])
 
     def n(block: dict, key: str) -> int:
         return int(block.get(key, 0))
@@ -302,11 +299,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     removed = {r: n(rd, f"skip_{r}") for r in SKIP_REASONS if not r.startswith("extract_")}
     removed |= {"extract_timeout": n(ex, "timeout") + n(ex, "broken_process"),
                 "extract_error": n(ex, "clean_error"), "extract_empty": n(ex, "dropped")}
-    tally = tally_counts(out)
-    counts = {"documents_in": n(rd, "records"), "documents_out": tally["documents"], "bytes_out": tally["bytes"],
-              "words_out": tally["words"], "removed": removed, "html_pages": n(rd, "pages"),
-              "files_in": len(files), "files_skipped": {"corrupt": n(rd, "corrupt_files"),
-                                                        "empty": n(rd, "empty_files")}}
-    outputs = ctx.out.list("data", suffix=".jsonl.gz")
-    return StageResult(outputs=outputs, counts=counts, metrics={"blocks": blocks, "tasks": tasks,
-                                                                 "inputs": [f for f, _ in files]})
+    return data_result(ctx, blocks, n(rd, "records"), removed,
+                       metrics={"blocks": blocks, "tasks": tasks, "inputs": [f for f, _ in files]},
+                       html_pages=n(rd, "pages"), files_in=len(files),
+                       files_skipped={"corrupt": n(rd, "corrupt_files"), "empty": n(rd, "empty_files")})

@@ -151,19 +151,12 @@ def _normalizer_cls():
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
 
-    from stages.core.pipeline import Tally, docs_writer, run_pipeline, tally_counts, upstream_reader
-
-    steps = [upstream_reader(ctx, "ingest"),
-             _normalizer_cls()(cfg), Tally("tally_out"),
-             docs_writer(ctx)]
-    blocks = run_pipeline(ctx, steps, name="normalize")
-    norm, out = (blocks[k] for k in list(blocks)[1:3])
-    tally = tally_counts(out)
+    normalizer = _normalizer_cls()(cfg)
+    blocks = run_pipeline(ctx, [upstream_reader(ctx, "ingest"), normalizer, *output_steps(ctx)], name="normalize")
+    norm = block_stats(blocks, normalizer.name)
     g = lambda k: int(norm.get(k, 0))  # noqa: E731
-    counts = {"documents_in": g("documents_in"), "documents_out": tally["documents"], "bytes_out": tally["bytes"],
-              "words_out": tally["words"], "removed": {"empty": g("removed_empty")},
-              "documents_changed": g("documents_changed"),
-              "changed": {k: g(f"changed_{k}") for k in STEPS},
-              "lines_dropped": {k: g(f"lines_dropped_{k}") for k in ("boilerplate", "symbol_lines")}}
-    return StageResult(outputs=ctx.out.list("data", suffix=".jsonl.gz"), counts=counts, metrics={"blocks": blocks})
+    return data_result(ctx, blocks, g("documents_in"), {"empty": g("removed_empty")},
+                       documents_changed=g("documents_changed"), changed={k: g(f"changed_{k}") for k in STEPS},
+                       lines_dropped={k: g(f"lines_dropped_{k}") for k in ("boilerplate", "symbol_lines")})

@@ -110,7 +110,7 @@ def _per_domain(block: dict) -> dict[str, dict[str, int]]:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from stages.core.pipeline import Tally, block_stats, docs_writer, run_pipeline, tally_counts, upstream_reader
+    from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
 
     DomainStats, DomainSampler = _blocks()
     src = ctx.input("filter").datafolder("data")
@@ -131,12 +131,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
     # pass 2: sample to the target mixture
     sampler = DomainSampler(cfg.key, mult, cfg.default_weight * n_docs / mass, ctx.cfg.run.seed)
-    steps = [upstream_reader(ctx, "filter", add_file_path=False), sampler, DomainStats(cfg.key), Tally(),
-             docs_writer(ctx)]
+    steps = [upstream_reader(ctx, "filter", add_file_path=False), sampler, DomainStats(cfg.key), *output_steps(ctx)]
     stats2 = run_pipeline(ctx, steps, name="sample")
     after = _per_domain(block_stats(stats2, "domain stats"))
-    out = tally_counts(block_stats(stats2, "tally"))
-    n_out = out["documents"] or 1
+    n_out = sum(d["docs"] for d in after.values())
 
     domains = {}
     for dom in sorted(before, key=lambda d: (-before[d]["docs"], d)):
@@ -151,19 +149,17 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         }
     unused = sorted(set(cfg.weights) - set(before))
     mixture = {"key": cfg.key, "seed": ctx.cfg.run.seed, "default_weight": cfg.default_weight,
-               "documents_in": n_docs, "documents_out": out["documents"],
+               "documents_in": n_docs, "documents_out": n_out,
                "note": "shares are shares of documents; est_tokens is bytes/4, an estimate",
                "weights_for_absent_domains": unused, "domains": domains}
     ctx.out.write_json("mixture.json", mixture)
 
     sampler = block_stats(stats2, "domain sampler")
-    counts = {"documents_in": n_docs, "documents_out": out["documents"], "bytes_out": out["bytes"],
-              "words_out": out["words"], "removed": {"downsampled": int(sampler.get("downsampled", 0))},
-              "added": {"upsampled": int(sampler.get("upsampled", 0))}}
     metrics = {"domains": len(domains),
                "max_share_error": max(abs(d["share_after"] - d["share_target"]) for d in domains.values()),
                "mixture": {d: {k: v[k] for k in ("share_before", "share_target", "share_after")}
                            for d, v in domains.items()},
                "blocks": {"measure": stats1, "sample": stats2}}
-    return StageResult(outputs=["mixture.json", *ctx.out.list("data", suffix=".jsonl.gz")],
-                       counts=counts, metrics=metrics)
+    return data_result(ctx, stats2, n_docs, {"downsampled": int(sampler.get("downsampled", 0))},
+                       extra_outputs=("mixture.json",), metrics=metrics,
+                       added={"upsampled": int(sampler.get("upsampled", 0))})

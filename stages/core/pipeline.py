@@ -13,7 +13,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.stats import Stats
 
-from stages.core.runner import StageContext
+from stages.core.runner import StageContext, StageResult
 
 os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kiln", "tldextract"))
 
@@ -48,11 +48,24 @@ def upstream_reader(ctx: StageContext, stage: str, **kwargs):
     return JsonlReader(ctx.input(stage).datafolder("data"), paths_file=paths_file, **kwargs)
 
 
-def docs_writer(ctx: StageContext):
-    """The documents a data stage passes on: datatrove JSONL in ``data/``, one file per task."""
+def output_steps(ctx: StageContext) -> list:
+    """The last blocks of every document stage: a ``Tally("tally_out")`` and datatrove JSONL in ``data/``
+    (one file per task). ``data_result`` turns them into the stage's outputs and counts."""
     from datatrove.pipeline.writers import JsonlWriter
 
-    return JsonlWriter(ctx.out.datafolder("data"), output_filename="${rank}.jsonl.gz")
+    return [Tally("tally_out"), JsonlWriter(ctx.out.datafolder("data"), output_filename="${rank}.jsonl.gz")]
+
+
+def data_result(ctx: StageContext, blocks: dict, documents_in: int, removed: dict[str, int],
+                extra_outputs: tuple[str, ...] = (), metrics: dict | None = None, **counts) -> StageResult:
+    """The StageResult of a pipeline that ended with ``output_steps``: documents/bytes/words out from the
+    tally, ``removed`` by reason, the written ``data/`` files (plus ``extra_outputs``) as outputs."""
+    tally = tally_counts(block_stats(blocks, "tally_out"))
+    return StageResult(
+        outputs=[*extra_outputs, *ctx.out.list("data", suffix=".jsonl.gz")],
+        counts={"documents_in": documents_in, "documents_out": tally["documents"], "bytes_out": tally["bytes"],
+                "words_out": tally["words"], "removed": removed, **counts},
+        metrics={"blocks": blocks} if metrics is None else metrics)
 
 
 def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int | None = None,

@@ -1,16 +1,4 @@
-"""ingest: WARC files -> documents with the main text of each HTML page (datatrove JSONL).
-
-Our own datatrove reader keeps ``response`` records with HTTP status 200 whose declared type
-(``WARC-Identified-Payload-Type`` when present, else the HTTP ``Content-Type``) is HTML. The type is never
-guessed from the bytes: datatrove 0.10.1's ``WarcReader`` does that and silently drops ~80% of the sample
-crawl. Every record that does not become a document is counted under a reason; a corrupt file (truncated
-gzip, random bytes, malformed WARC) is one log line and a counted skip, and records read before the
-corruption are kept. Main text comes from trafilatura (datatrove's ``Trafilatura`` block).
-
-Counts: ``documents_in`` is every WARC record read (warcinfo and request records included), each either a
-document out or under one ``removed`` reason; ``html_pages`` is the records that reached extraction.
-Files go to tasks balanced by size.
-"""
+"""Readers of ingest: WARC/ARC records -> documents (HTML as text), with counted skip reasons."""
 
 from __future__ import annotations
 
@@ -21,29 +9,8 @@ import posixpath
 import re
 from urllib.parse import urlsplit
 
-from pydantic import Field
-
-from stages.core.config import Strict, resolve_path
-from stages.core.runner import StageContext, StageError, StageResult
-
 HTML_TYPES = ("text/html", "application/xhtml+xml")
-# reasons a WARC record does not become a document (keys of counts.removed)
-SKIP_REASONS = ("non_response", "revisit", "non_200", "non_html", "empty", "too_large", "undecodable",
-                "corrupt_record", "extract_timeout", "extract_error", "extract_empty")
-_INLINE_CODE = re.compile(r"<(/?)(?:code|tt|kbd|samp)\b", re.I)
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""", re.I)
-
-
-class Config(Strict):
-    # input files: globs or paths (local, s3://, http(s)://); relative paths resolve against the profile's folder
-    inputs: list[str] = ["../../shared/data/crawl/*.warc.gz"]
-    max_record_bytes: int = Field(10_000_000, ge=1)  # larger HTTP payloads are skipped as too_large
-    extract_timeout: float = Field(10.0, gt=0)  # seconds per page for trafilatura before it counts as a timeout
-    favour_precision: bool = False  # trafilatura: True drops more borderline text (e.g. code-heavy sections)
-    include_tables: bool = True  # trafilatura: keep text inside <table> (reference docs use many tables)
-    deduplicate: bool = False  # trafilatura's in-document duplicate segment removal
-    fallback: bool = True  # trafilatura's fallback extractors when its main one finds little (slower, better)
-    inline_code_as_text: bool = True  # treat inline <code>/<tt>/<kbd>/<samp> as text (see TextTrafilatura)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,79 +194,3 @@ def _warc_reader_cls():
     return WarcHtmlReader
 
 
-def _extractor_cls():
-    from datatrove.pipeline.extractors import Trafilatura
-
-    class TextTrafilatura(Trafilatura):
-        """datatrove's Trafilatura block, optionally turning inline code tags into spans first: trafilatura
-        treats <code> as a block, which splits every sentence of a documentation page that names a function
-        ("parsing, argparse⏎, was introduced") and glues the next word on ("andhttp.client")."""
-
-        def __init__(self, inline_code_as_text: bool = True, **kw):
-            super().__init__(**kw)
-            self.inline_code_as_text = inline_code_as_text
-
-        def extract(self, text: str) -> str:
-            if self.inline_code_as_text:
-                text = _INLINE_CODE.sub(r"<\1span", text)
-            return super().extract(text)
-
-    return TextTrafilatura
-
-
-def balance(files: list[tuple[str, int]], n: int) -> list[list[str]]:
-    """Split (path, size) into n shards of similar total size (largest first, to the lightest shard)."""
-    shards: list[list[str]] = [[] for _ in range(n)]
-    load = [0] * n
-    for path, size in sorted(files, key=lambda x: (-x[1], x[0])):
-        i = load.index(min(load))
-        shards[i].append(path)
-        load[i] += size
-    return [sorted(s) for s in shards]
-
-
-def _input_files(cfg: Config, ctx: StageContext) -> list[tuple[str, int]]:
-    from fsspec.core import url_to_fs
-
-    from stages.core.storage import _s3_options, expand_inputs
-
-    if not cfg.inputs:
-        raise StageError("ingest.inputs is empty: list at least one WARC file or glob")
-    out = []
-    for pattern in cfg.inputs:
-        resolved = resolve_path(ctx.cfg, pattern)
-        try:
-            matches = expand_inputs([resolved])
-        except Exception as e:
-            raise StageError(f"ingest.inputs: cannot list '{resolved}': {type(e).__name__}: {e}") from None
-        if not matches:
-            raise StageError(f"ingest.inputs: '{pattern}' matches no file (resolved to {resolved})")
-        for m in matches:
-            fs, p = url_to_fs(m, **(_s3_options() if m.startswith("s3://") else {}))
-            out.append((m, int(fs.size(p) or 0)))
-    return list(dict.fromkeys(out))
-
-
-def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from stages.core.pipeline import data_result, output_steps, run_pipeline
-
-    files = _input_files(cfg, ctx)
-    tasks = max(1, min(ctx.cfg.run.tasks, len(files)))
-    reader = _warc_reader_cls()(balance(files, tasks), cfg.max_record_bytes)
-    extractor = _extractor_cls()(inline_code_as_text=cfg.inline_code_as_text, timeout=cfg.extract_timeout,
-                                 favour_precision=cfg.favour_precision, deduplicate=cfg.deduplicate,
-                                 include_tables=cfg.include_tables, no_fallback=not cfg.fallback)
-    blocks = run_pipeline(ctx, [reader, extractor, *output_steps(ctx)], name="ingest", tasks=tasks)
-    rd, ex = (blocks[k] for k in list(blocks)[:2])
-
-    def n(block: dict, key: str) -> int:
-        return int(block.get(key, 0))
-
-    # every WARC record read is either a document out or removed under exactly one reason
-    removed = {r: n(rd, f"skip_{r}") for r in SKIP_REASONS if not r.startswith("extract_")}
-    removed |= {"extract_timeout": n(ex, "timeout") + n(ex, "broken_process"),
-                "extract_error": n(ex, "clean_error"), "extract_empty": n(ex, "dropped")}
-    return data_result(ctx, blocks, n(rd, "records"), removed,
-                       metrics={"blocks": blocks, "tasks": tasks, "inputs": [f for f, _ in files]},
-                       html_pages=n(rd, "pages"), files_in=len(files),
-                       files_skipped={"corrupt": n(rd, "corrupt_files"), "empty": n(rd, "empty_files")})

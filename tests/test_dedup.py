@@ -42,7 +42,7 @@ def test_real_near_duplicates_of_the_crawl_removed(tmp_path):
     n1 = slice_warc(CRAWL / "docs.djangoproject.com-0001.warc.gz", tmp_path / "dj1.warc.gz",
                     {f"{rel}{v}.html" for v in [p[1] for p in pairs] + others_1})
     assert n0 + n1 == 4 + len(others_0) + len(others_1)
-    cfg = load_tiny(tmp_path, {"ingest.inputs": [str(tmp_path / "*.warc.gz")], "ingest.extract_timeout": 300,
+    cfg = load_tiny(tmp_path, {"ingest.inputs": [str(tmp_path / "*.warc.gz")], "ingest.extract.timeout": 300,
                                "run.workers": 1})
     storage = str(tmp_path / "st")
     for stage in ("ingest", "normalize"):

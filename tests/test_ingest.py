@@ -15,7 +15,7 @@ from stages.core.storage import Storage
 
 WARC = SHARED / "warc"
 SMALL_CRAWL = CRAWL / "docs.python.org-0002.warc.gz"  # 1 warcinfo + 9 real docs.python.org pages
-SLOW_OK = {"ingest.extract_timeout": 300}  # a loaded 2-core machine must not turn into timeouts
+SLOW_OK = {"ingest.extract.timeout": 300}  # a loaded 2-core machine must not turn into timeouts
 
 
 def cfg_for(inputs, **extra):

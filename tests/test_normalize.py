@@ -69,7 +69,7 @@ def test_boilerplate_of_real_sphinx_and_postgres_pages(tmp_path):
         slice_warc(CRAWL / "docs.python.org-0001.warc.gz", tmp_path / "py2.warc.gz", urls) == 2
     pg = {"https://www.postgresql.org/docs/15/brin.html", "https://www.postgresql.org/docs/15/brin-intro.html"}
     assert slice_warc(CRAWL / "www.postgresql.org-0000.warc.gz", tmp_path / "pg.warc.gz", pg) == 2
-    cfg = load_tiny(tmp_path, {"ingest.inputs": [str(tmp_path / "*.warc.gz")], "ingest.extract_timeout": 300})
+    cfg = load_tiny(tmp_path, {"ingest.inputs": [str(tmp_path / "*.warc.gz")], "ingest.extract.timeout": 300})
     storage = str(tmp_path / "st")
     run_stage("ingest", cfg, storage, "run1")
     before = {d["metadata"]["url"]: d["text"] for d in stage_docs(storage, "ingest")}

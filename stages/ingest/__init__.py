@@ -18,38 +18,32 @@ from pydantic import Field
 
 from stages.core.config import Strict
 from stages.core.runner import StageContext, StageResult
+from stages.ingest.extract import ExtractConfig
 from stages.ingest.readers import decode_html, parse_content_type  # noqa: F401  (public helpers)
 
 # reasons a WARC record does not become a document (keys of counts.removed)
 SKIP_REASONS = ("non_response", "revisit", "non_200", "non_html", "empty", "too_large", "undecodable",
-                "corrupt_record", "extract_timeout", "extract_error", "extract_empty")
+                "corrupt_record")
 
 
 class Config(Strict):
     # input files: globs or paths (local, s3://, http(s)://); relative paths resolve against the profile's folder
     inputs: list[str] = ["../../shared/data/crawl/*.warc.gz"]
     max_record_bytes: int = Field(10_000_000, ge=1)  # larger HTTP payloads are skipped as too_large
-    extract_timeout: float = Field(10.0, gt=0)  # seconds per page for trafilatura before it counts as a timeout
-    favour_precision: bool = False  # trafilatura: True drops more borderline text (e.g. code-heavy sections)
-    include_tables: bool = True  # trafilatura: keep text inside <table> (reference docs use many tables)
-    deduplicate: bool = False  # trafilatura's in-document duplicate segment removal
-    fallback: bool = True  # trafilatura's fallback extractors when its main one finds little (slower, better)
-    inline_code_as_text: bool = True  # treat inline <code>/<tt>/<kbd>/<samp> as text (see TextTrafilatura)
+    extract: ExtractConfig = ExtractConfig()  # main-text extraction (stages/ingest/extract.py)
 
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from stages.core.pipeline import data_result, output_steps, run_pipeline
-    from stages.ingest.extract import _extractor_cls
+    from stages.ingest.extract import extractor_block, removed_counts
     from stages.ingest.readers import _warc_reader_cls
     from stages.ingest.sources import balance, input_files
 
     files = input_files(cfg, ctx)
     tasks = max(1, min(ctx.cfg.run.tasks, len(files)))
     reader = _warc_reader_cls()(balance(files, tasks), cfg.max_record_bytes)
-    extractor = _extractor_cls()(inline_code_as_text=cfg.inline_code_as_text, timeout=cfg.extract_timeout,
-                                 favour_precision=cfg.favour_precision, deduplicate=cfg.deduplicate,
-                                 include_tables=cfg.include_tables, no_fallback=not cfg.fallback)
+    extractor = extractor_block(cfg.extract)
     blocks = run_pipeline(ctx, [reader, extractor, *output_steps(ctx)], name="ingest", tasks=tasks)
     rd, ex = (blocks[k] for k in list(blocks)[:2])
 
@@ -57,9 +51,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         return int(block.get(key, 0))
 
     # every WARC record read is either a document out or removed under exactly one reason
-    removed = {r: n(rd, f"skip_{r}") for r in SKIP_REASONS if not r.startswith("extract_")}
-    removed |= {"extract_timeout": n(ex, "timeout") + n(ex, "broken_process"),
-                "extract_error": n(ex, "clean_error"), "extract_empty": n(ex, "dropped")}
+    removed = {r: n(rd, f"skip_{r}") for r in SKIP_REASONS} | removed_counts(ex)
     return data_result(ctx, blocks, n(rd, "records"), removed,
                        metrics={"blocks": blocks, "tasks": tasks, "inputs": [f for f, _ in files]},
                        html_pages=n(rd, "pages"), files_in=len(files),

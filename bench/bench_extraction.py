@@ -153,12 +153,14 @@ def run() -> dict:
         texts, _, secs = timed(list(bench_html.values()), cfg)
         m = evaluate(gt, dict(zip(bench_html, texts)))
         sample = crawl_html[::every] if name == "trafilatura" else crawl_html
-        _, outcomes, csecs = timed(sample, cfg)
+        ctexts, outcomes, csecs = timed(sample, cfg)
         mb = sum(len(h.encode()) for h in sample) / 1e6
+        text_mb = sum(len(t.encode()) for t in ctexts) / 1e6
         pps = len(sample) / csecs
         print(f"{name:<12} F1={m['f1']:.3f} ± {m['f1_std']:.3f}  precision={m['precision']:.3f}  "
               f"recall={m['recall']:.3f}  benchmark {len(bench_html) / secs:.1f} pages/s  "
-              f"crawl {pps:.1f} pages/s {mb / csecs:.2f} MB/s ({len(sample)} pages, {dict(outcomes)})", flush=True)
+              f"crawl {pps:.1f} pages/s {mb / csecs:.2f} MB/s ({len(sample)} pages, {dict(outcomes)}, "
+              f"{text_mb:.1f} MB of text)", flush=True)
         what = f"{name}, tiny profile options"
         figures |= {
             f"extract.{name}.f1": {"value": round(m["f1"], 4), "unit": "", "what": f"{what}: F1, article benchmark"},
@@ -172,6 +174,10 @@ def run() -> dict:
                                                   "what": f"{what}: sample crawl HTML, 1 process"},
             f"extract.{name}.crawl_mb_per_s": {"value": round(mb / csecs, 2), "unit": "MB/s",
                                                "what": f"{what}: sample crawl HTML, 1 process"},
+            f"extract.{name}.crawl_empty": {"value": outcomes["extract_empty"], "unit": "pages",
+                                            "what": f"{what}: sample crawl pages without main text (of {len(sample)})"},
+            f"extract.{name}.crawl_text_mb": {"value": round(text_mb, 2), "unit": "MB",
+                                              "what": f"{what}: main text from the sample crawl ({mb:.0f} MB HTML)"},
             f"extract.{name}.f1_per_s": {"value": round(m["f1"] * pps, 1), "unit": "F1 x pages/s",
                                          "what": f"{what}: benchmark F1 x crawl pages/s"},
         }
@@ -179,8 +185,8 @@ def run() -> dict:
     n_over = sum(over_cap(h, cap) for h in crawl_html)
     print(f"cap (max_html_bytes={cap.max_html_bytes:,}, max_tags={cap.max_tags:,}): {n_over} of {len(crawl_html)} "
           f"crawl pages ({crawl_mb:.1f} MB) go to resiliparse instead of trafilatura", flush=True)
-    figures["extract.cap.crawl_pages_over"] = {"value": n_over, "unit": "pages",
-                                               "what": f"sample crawl pages over the trafilatura cap (of {len(crawl_html)})"}
+    figures["extract.cap.crawl_pages_over"] = {
+        "value": n_over, "unit": "pages", "what": f"sample crawl pages over the trafilatura cap (of {len(crawl_html)})"}
     return figures
 
 

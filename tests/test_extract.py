@@ -165,3 +165,13 @@ def test_extraction_benchmark_page_matches_ground_truth():
     for extractor in ("resiliparse", "trafilatura"):
         outcome, text = extract_text(html, ExtractConfig(extractor=extractor))
         assert outcome == "extracted" and first in text and last in text, extractor
+
+
+def test_block_pickles_for_worker_processes(pages):
+    """datatrove ships blocks to workers with dill; under pytest's capture sys.stderr cannot be pickled, so the
+    block must not hold (or close over) anything that references it, such as loguru's logger."""
+    import dill
+
+    block = dill.loads(dill.dumps(extractor_block(ExtractConfig())))
+    out = list(block.run(iter(docs_of({WHATSNEW: pages[WHATSNEW]}))))
+    assert ARGPARSE in out[0].text

@@ -1,15 +1,15 @@
-"""ingest: WARC files -> documents with the main text of each HTML page (datatrove JSONL).
+"""ingest: crawl files -> documents with the main text of each page (datatrove JSONL).
 
-Our own datatrove reader keeps ``response`` records with HTTP status 200 whose declared type
-(``WARC-Identified-Payload-Type`` when present, else the HTTP ``Content-Type``) is HTML. The type is never
-guessed from the bytes: datatrove 0.10.1's ``WarcReader`` does that and silently drops ~80% of the sample
-crawl. Every record that does not become a document is counted under a reason; a corrupt file (truncated
-gzip, random bytes, malformed WARC) is one log line and a counted skip, and records read before the
-corruption are kept. Main text comes from trafilatura (datatrove's ``Trafilatura`` block).
+Inputs (``sources.py``): local paths, folders and globs, s3:// prefixes and globs, http(s) URLs, and the files
+of a Common Crawl crawl chosen by segment (``common_crawl``). Files go to tasks balanced by size.
+Readers (``readers.py``), chosen by file name: WARC / ARC / WET records (warcio) and JSONL / Parquet document
+sets. HTML responses become ``format: html`` documents for the extractor (``extract.py``); WET conversion
+records and JSONL/Parquet rows are already text (``format: text``) and pass through it.
 
-Counts: ``documents_in`` is every WARC record read (warcinfo and request records included), each either a
-document out or under one ``removed`` reason; ``html_pages`` is the records that reached extraction.
-Files go to tasks balanced by size.
+Counts: ``documents_in`` is every record or line read (warcinfo and request records included), each either a
+document out or removed under exactly one reason (``removed``: the reader's ``SKIP_REASONS`` plus the
+extractor's reasons); ``html_pages`` / ``text_documents`` are the reader's documents of each format;
+``files_in`` / ``files_skipped`` (corrupt, empty, unreadable) / ``files_by_kind`` count input files.
 """
 
 from __future__ import annotations
@@ -19,40 +19,43 @@ from pydantic import Field
 from stages.core.config import Strict
 from stages.core.runner import StageContext, StageResult
 from stages.ingest.extract import ExtractConfig
-from stages.ingest.readers import decode_html, parse_content_type  # noqa: F401  (public helpers)
-
-# reasons a WARC record does not become a document (keys of counts.removed)
-SKIP_REASONS = ("non_response", "revisit", "non_200", "non_html", "empty", "too_large", "undecodable",
-                "corrupt_record")
+from stages.ingest.readers import FILE_SKIP_REASONS, SKIP_REASONS, decode_html, parse_content_type  # noqa: F401
+from stages.ingest.sources import CommonCrawl
 
 
 class Config(Strict):
-    # input files: globs or paths (local, s3://, http(s)://); relative paths resolve against the profile's folder
+    # input files: paths, folders, globs (local, s3://) or http(s):// URLs; relative paths resolve against the
+    # profile's folder. Types by name: .warc[.gz] .arc[.gz] .wet[.gz] .wat[.gz] .jsonl[.gz] .json.gz .parquet
     inputs: list[str] = ["../../shared/data/crawl/*.warc.gz"]
-    max_record_bytes: int = Field(10_000_000, ge=1)  # larger HTTP payloads are skipped as too_large
+    common_crawl: CommonCrawl | None = None  # also read files of a Common Crawl crawl (see sources.py)
+    max_record_bytes: int = Field(10_000_000, ge=1)  # larger HTTP payloads / JSONL lines are skipped as too_large
+    text_field: str = "text"  # JSONL / Parquet: field holding the text
+    id_field: str = "id"  # JSONL / Parquet: field holding the id (missing: "<file>#<line>")
     extract: ExtractConfig = ExtractConfig()  # main-text extraction (stages/ingest/extract.py)
 
 
-
 def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from collections import Counter
+
     from stages.core.pipeline import data_result, output_steps, run_pipeline
     from stages.ingest.extract import extractor_block, removed_counts
-    from stages.ingest.readers import _warc_reader_cls
+    from stages.ingest.readers import _reader_cls, file_kind
     from stages.ingest.sources import balance, input_files
 
     files = input_files(cfg, ctx)
     tasks = max(1, min(ctx.cfg.run.tasks, len(files)))
-    reader = _warc_reader_cls()(balance(files, tasks), cfg.max_record_bytes)
-    extractor = extractor_block(cfg.extract)
-    blocks = run_pipeline(ctx, [reader, extractor, *output_steps(ctx)], name="ingest", tasks=tasks)
+    reader = _reader_cls()(balance(files, tasks), cfg.max_record_bytes, cfg.text_field, cfg.id_field)
+    blocks = run_pipeline(ctx, [reader, extractor_block(cfg.extract), *output_steps(ctx)], name="ingest",
+                          tasks=tasks)
     rd, ex = (blocks[k] for k in list(blocks)[:2])
 
     def n(block: dict, key: str) -> int:
         return int(block.get(key, 0))
 
-    # every WARC record read is either a document out or removed under exactly one reason
+    # every record read is either a document out or removed under exactly one reason
     removed = {r: n(rd, f"skip_{r}") for r in SKIP_REASONS} | removed_counts(ex)
     return data_result(ctx, blocks, n(rd, "records"), removed,
                        metrics={"blocks": blocks, "tasks": tasks, "inputs": [f for f, _ in files]},
-                       html_pages=n(rd, "pages"), files_in=len(files),
-                       files_skipped={"corrupt": n(rd, "corrupt_files"), "empty": n(rd, "empty_files")})
+                       html_pages=n(rd, "pages"), text_documents=n(rd, "text_docs"), files_in=len(files),
+                       files_skipped={r: n(rd, f"{r}_files") for r in FILE_SKIP_REASONS},
+                       files_by_kind=dict(sorted(Counter(file_kind(f) for f, _ in files).items())))

@@ -1,14 +1,65 @@
-"""Input listing of ingest: globs, folders, s3:// and http(s):// URLs -> (file, size), balanced over tasks."""
+"""Input listing of ingest: paths, folders, globs, s3:// prefixes, http(s):// URLs and Common Crawl crawl ids
+-> (file URL, size in bytes), balanced over tasks by size.
+
+- a folder (local or an s3:// prefix) contributes every file below it whose name ``file_kind`` knows; other files
+  there (indexes, READMEs) are ignored with one log line;
+- a path, glob match or URL named directly must have a known extension, else one StageError line;
+- ``common_crawl`` fetches ``{base_url}crawl-data/{crawl}/{kind}.paths.gz`` (the listing Common Crawl publishes,
+  one path per line: crawl-data/CC-MAIN-2024-22/segments/1715971057216.39/warc/CC-MAIN-...-00000.warc.gz),
+  takes the segments ``[start, stop)`` of the sorted unique segment ids and the first ``files_per_segment``
+  files of each, and reads them from ``{base_url}{path}`` (https://data.commoncrawl.org/ or s3://commoncrawl/).
+Sizes come from the filesystem (a HEAD request for http); an http file whose size is unknown counts as 0.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+import re
+from typing import TYPE_CHECKING, Literal
 
-from stages.core.config import resolve_path
+from pydantic import Field, field_validator, model_validator
+
+from stages.core.config import Strict, resolve_path
 from stages.core.runner import StageError
+from stages.ingest.readers import SUPPORTED, file_kind
 
 if TYPE_CHECKING:
     from stages.core.runner import StageContext
+
+log = logging.getLogger("kiln.ingest")
+CRAWL_ID = re.compile(r"CC-MAIN-(\d{4})-(\d{2})")
+
+
+class CommonCrawl(Strict):
+    """``ingest.common_crawl``: files of one Common Crawl crawl, chosen by segment."""
+
+    crawl: str  # crawl id, CC-MAIN-YYYY-WW (https://commoncrawl.org/overview lists them)
+    segments: tuple[int, int] = (0, 1)  # [start, stop) indexes into the crawl's sorted segment ids
+    files_per_segment: int = Field(1, ge=1)  # the first N files (in listing order) of each segment
+    kind: Literal["warc", "wet"] = "warc"  # warc: HTML to extract; wet: Common Crawl's extracted text
+    base_url: str = "https://data.commoncrawl.org/"  # or s3://commoncrawl/ (AWS credentials needed)
+
+    @field_validator("crawl")
+    @classmethod
+    def _crawl_id(cls, v: str) -> str:
+        m = CRAWL_ID.fullmatch(v.strip())
+        if not m or not 2013 <= int(m.group(1)) <= 2100 or not 1 <= int(m.group(2)) <= 53:
+            raise ValueError(f"crawl id must look like CC-MAIN-YYYY-WW (e.g. CC-MAIN-2024-22), got {v!r}")
+        return v.strip()
+
+    @field_validator("base_url")
+    @classmethod
+    def _slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://", "s3://", "file://", "/")):
+            raise ValueError(f"base_url must be an http(s)://, s3:// or file URL, got {v!r}")
+        return v if v.endswith("/") else v + "/"
+
+    @model_validator(mode="after")
+    def _range(self):
+        start, stop = self.segments
+        if not 0 <= start < stop:
+            raise ValueError(f"segments must be [start, stop) with 0 <= start < stop, got {list(self.segments)}")
+        return self
 
 
 def balance(files: list[tuple[str, int]], n: int) -> list[list[str]]:
@@ -22,25 +73,106 @@ def balance(files: list[tuple[str, int]], n: int) -> list[list[str]]:
     return [sorted(s) for s in shards]
 
 
-def input_files(cfg, ctx: StageContext) -> list[tuple[str, int]]:
+def _fs(url: str):
     from fsspec.core import url_to_fs
 
-    from stages.core.storage import _s3_options, expand_inputs
+    from stages.core.storage import _s3_options
 
-    if not cfg.inputs:
-        raise StageError("ingest.inputs is empty: list at least one WARC file or glob")
-    out = []
+    return url_to_fs(url, **(_s3_options() if url.startswith("s3://") else {}))
+
+
+def _with_proto(url: str, path: str) -> str:
+    proto = url.split("://", 1)[0] + "://" if "://" in url else ""
+    return path if path.startswith(proto) else proto + path
+
+
+def sizes(urls: list[str], strict: bool) -> list[tuple[str, int]]:
+    """(url, size) for each URL, asked in parallel (HEAD for http). A failure is a StageError when
+    ``strict`` (files the user named), else size 0 and a warning (files from a listing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(url: str) -> tuple[str, int]:
+        try:
+            fs, p = _fs(url)
+            return url, int(fs.size(p) or 0)
+        except Exception as e:
+            if strict:
+                raise StageError(f"ingest.inputs: cannot reach '{url}': {type(e).__name__}: {e}") from None
+            log.warning("ingest: size of %s unknown (%s: %s); read anyway", url, type(e).__name__, e)
+            return url, 0
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, urls))
+
+
+def expand(pattern: str) -> list[str]:
+    """Files of one input entry: a file, folder (recursive), glob or URL -> sorted URLs/paths."""
+    if pattern.startswith(("http://", "https://")):
+        return [pattern]  # one file per URL (HTTP has no listing)
+    try:
+        fs, p = _fs(pattern)
+        matches = fs.glob(p) if any(c in pattern for c in "*?[") else ([p] if fs.exists(p) else [])
+        out, ignored = [], []
+        for m in sorted(matches):
+            if fs.isdir(m):
+                found = sorted(fs.find(m))
+                out += [f for f in found if file_kind(f)]
+                ignored += [f for f in found if not file_kind(f)]
+            else:
+                out.append(m)
+    except StageError:
+        raise
+    except Exception as e:
+        raise StageError(f"ingest.inputs: cannot list '{pattern}': {type(e).__name__}: {e}") from None
+    if ignored:
+        log.warning("ingest: %d files of unknown type ignored under %s (e.g. %s)", len(ignored), pattern, ignored[0])
+    return [_with_proto(pattern, m) for m in out]
+
+
+def common_crawl_urls(cc: CommonCrawl) -> list[str]:
+    """The file URLs ``cc`` selects from the crawl's published path listing."""
+    import gzip
+
+    from stages.ingest.readers import open_raw
+
+    listing = f"{cc.base_url}crawl-data/{cc.crawl}/{cc.kind}.paths.gz"
+    try:
+        with open_raw(listing) as f:
+            lines = gzip.decompress(f.read()).decode("utf-8").split()
+    except Exception as e:
+        raise StageError(f"ingest.common_crawl: cannot read the listing {listing}: {type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]}") from None
+    by_segment: dict[str, list[str]] = {}
+    for line in lines:
+        parts = line.split("/")
+        if len(parts) >= 6 and parts[:3] == ["crawl-data", cc.crawl, "segments"] and parts[4] == cc.kind:
+            by_segment.setdefault(parts[3], []).append(line)
+    if not by_segment:
+        raise StageError(f"ingest.common_crawl: {listing} lists no {cc.kind} file of {cc.crawl} "
+                         f"({len(lines)} lines)")
+    segs = sorted(by_segment)
+    start, stop = cc.segments
+    if stop > len(segs):
+        raise StageError(f"ingest.common_crawl: segments [{start}, {stop}) but {cc.crawl} has {len(segs)} segments")
+    return [cc.base_url + p for s in segs[start:stop] for p in sorted(by_segment[s])[: cc.files_per_segment]]
+
+
+def input_files(cfg, ctx: StageContext) -> list[tuple[str, int]]:
+    """All input files of ingest as (URL or path, size), de-duplicated, in a stable order."""
+    if not cfg.inputs and cfg.common_crawl is None:
+        raise StageError("ingest.inputs is empty and no ingest.common_crawl is set: nothing to read")
+    named: list[str] = []
     for pattern in cfg.inputs:
         resolved = resolve_path(ctx.cfg, pattern)
-        try:
-            matches = expand_inputs([resolved])
-        except Exception as e:
-            raise StageError(f"ingest.inputs: cannot list '{resolved}': {type(e).__name__}: {e}") from None
+        matches = expand(resolved)
         if not matches:
             raise StageError(f"ingest.inputs: '{pattern}' matches no file (resolved to {resolved})")
-        for m in matches:
-            fs, p = url_to_fs(m, **(_s3_options() if m.startswith("s3://") else {}))
-            out.append((m, int(fs.size(p) or 0)))
-    return list(dict.fromkeys(out))
-
-
+        named += matches
+    unknown = [m for m in named if not file_kind(m)]
+    if unknown:
+        raise StageError(f"ingest.inputs: unknown file type '{unknown[0]}' ({len(unknown)} such files); "
+                         f"readable: {SUPPORTED}")
+    out = sizes(list(dict.fromkeys(named)), strict=True)
+    if cfg.common_crawl is not None:
+        out += sizes(common_crawl_urls(cfg.common_crawl), strict=False)
+    return list(dict(out).items())

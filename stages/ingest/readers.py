@@ -292,6 +292,8 @@ class _Head:
         if self.head:
             if n is None or n < 0:
                 out, self.head = self.head + self.f.read(), b""
+            elif n > len(self.head):
+                out, self.head = self.head + self.f.read(n - len(self.head)), b""
             else:
                 out, self.head = self.head[:n], self.head[n:]
         elif self.eof or n == 0:

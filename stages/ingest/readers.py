@@ -258,7 +258,7 @@ def json_row(row, source: str, idx: int, text_field: str = "text", id_field: str
         md["domain"] = str(fields.get("domain") or fields.get("source_domain") or "").lower()
     for k, v in fields.items():
         if k in RESERVED:
-            if v != md[k]:
+            if k != "date" and v != md[k]:  # a date is kept normalised (or as date_raw)
                 md[f"orig_{k}"] = v
         else:
             md.setdefault(k, v)

@@ -44,14 +44,14 @@ class CommonCrawl(Strict):
     def _crawl_id(cls, v: str) -> str:
         m = CRAWL_ID.fullmatch(v.strip())
         if not m or not 2013 <= int(m.group(1)) <= 2100 or not 1 <= int(m.group(2)) <= 53:
-            raise ValueError(f"crawl id must look like CC-MAIN-YYYY-WW (e.g. CC-MAIN-2024-22), got {v!r}")
+            raise ValueError("crawl id must look like CC-MAIN-YYYY-WW (e.g. CC-MAIN-2024-22)")
         return v.strip()
 
     @field_validator("base_url")
     @classmethod
     def _slash(cls, v: str) -> str:
         if not v.startswith(("http://", "https://", "s3://", "file://", "/")):
-            raise ValueError(f"base_url must be an http(s)://, s3:// or file URL, got {v!r}")
+            raise ValueError("base_url must be an http(s)://, s3:// or file URL")
         return v if v.endswith("/") else v + "/"
 
     @model_validator(mode="after")

@@ -320,12 +320,13 @@ def decompressed(f):
 
 
 class CorruptInput(Exception):
-    """Damage in an input file that warcio reported only on stderr or by ending early."""
+    """A record that ends before its declared length: the file was cut (warcio just stops there)."""
 
 
 @contextlib.contextmanager
 def _warcio_stderr():
-    """Capture what warcio prints to stderr (it reports some gzip errors only there)."""
+    """Capture what warcio prints to stderr instead of raising (a bad Content-Length between records, a broken
+    HTTP Content-Encoding), so that it neither clutters the logs nor goes unnoticed."""
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
         yield buf

@@ -35,7 +35,7 @@ class CommonCrawl(Strict):
 
     crawl: str  # crawl id, CC-MAIN-YYYY-WW (https://commoncrawl.org/overview lists them)
     segments: tuple[int, int] = (0, 1)  # [start, stop) indexes into the crawl's sorted segment ids
-    files_per_segment: int = Field(1, ge=1)  # the first N files (in listing order) of each segment
+    files_per_segment: int = Field(1, ge=1)  # the first N files (by name) of each segment
     kind: Literal["warc", "wet"] = "warc"  # warc: HTML to extract; wet: Common Crawl's extracted text
     base_url: str = "https://data.commoncrawl.org/"  # or s3://commoncrawl/ (AWS credentials needed)
 

@@ -279,6 +279,8 @@ def test_common_crawl_crawl_id_over_http(tmp_path, http_root):
 
 
 def test_http_inputs_are_streamed(http_root):
+    import tracemalloc
+
     from stages.ingest.readers import open_raw
 
     root, base = http_root
@@ -287,6 +289,16 @@ def test_http_inputs_are_streamed(http_root):
         assert type(f).__name__ == "HTTPStreamFile"  # one GET read as consumed, never the whole file at once
     docs, st = read([base + "cc.warc.gz", base + "missing.warc.gz"])
     assert st["pages"] == 1 and st["unreadable_files"] == 1
+    big = root / "big.warc"  # 24 MB of real pages, uncompressed: memory must stay well below the file's size
+    big.write_bytes(gzip.decompress((CRAWL / "docs.python.org-0001.warc.gz").read_bytes()))
+    block = _reader_cls()([[base + "big.warc"]], 10_000_000)
+    tracemalloc.start()
+    try:
+        assert sum(1 for _ in block.run()) == 249
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.6 * big.stat().st_size, peak  # ~9.6 MB measured (largest page + buffers)
 
 
 def test_s3_storage_and_s3_input(tmp_path, s3_bucket):

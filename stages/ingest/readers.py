@@ -268,9 +268,13 @@ def json_row(row, source: str, idx: int, text_field: str = "text", id_field: str
 # ---------------------------------------------------------------------------------------------------------
 # opening inputs
 
-def open_raw(path: str, seekable: bool = False):
+def open_raw(path: str, seekable: bool = False, attempts: int = 3):
     """Open a local path, s3:// or http(s):// URL for binary reading. HTTP is streamed (one GET, read as
-    consumed: multi-GB WARCs never sit in memory) unless ``seekable`` (Parquet needs random access)."""
+    consumed: multi-GB WARCs never sit in memory) unless ``seekable`` (Parquet needs random access).
+    Remote opens are retried (1 s, 2 s) on errors other than a missing file (e.g. Common Crawl's 503 SlowDown);
+    a connection lost later, mid-file, is damage like any other (the rest of the file is a counted skip)."""
+    import time
+
     import fsspec
 
     from stages.core.storage import _s3_options
@@ -278,7 +282,14 @@ def open_raw(path: str, seekable: bool = False):
     kw = _s3_options() if path.startswith("s3://") else {}
     if path.startswith(("http://", "https://")) and not seekable:
         kw["block_size"] = 0
-    return fsspec.open(path, "rb", **kw).open()
+    tries = attempts if "://" in path and not path.startswith("file://") else 1
+    for attempt in range(tries):
+        try:
+            return fsspec.open(path, "rb", **kw).open()
+        except Exception as e:
+            if isinstance(e, (FileNotFoundError, PermissionError)) or attempt + 1 == tries:
+                raise
+            time.sleep(2**attempt)
 
 
 class _Head:

@@ -1,133 +1,113 @@
-"""dedup: exact duplicates by content hash, then near duplicates by MinHash (datatrove blocks, FineWeb settings).
+"""dedup: exact, URL and near-duplicate removal within a snapshot and against earlier snapshots.
 
-Exact: datatrove's ExactDedupSignature / ExactFindDedups / ExactDedupFilter over the whitespace-normalized
-text; of a set of identical documents the first one (lowest task, then file order) is kept, across tasks.
-Near: datatrove's MinhashDedupSignature / Buckets / Cluster / Filter (word 5-grams of datatrove's
-simplify_text, which also maps every number to 0; 14 buckets x 8 hashes: a pair with Jaccard 0.8 is caught
-with probability 0.92, 0.7 with 0.56) on what the exact pass kept; one document per cluster survives. Signatures and cluster files are scratch (``ctx.workdir``, which suits the local executor;
-a cluster executor would put them in shared storage); only the kept documents are written. Counts:
-``removed.exact``, ``removed.near_duplicate`` and ``near_duplicate_clusters``.
+Three datatrove pipelines (the same blocks run on other executors; see ``blocks.py``):
+
+1. signature (one task per input shard): per document the content hash (whitespace collapsed), URL, crawl
+   date, length, optional ``quality_score``, word n-gram shingles and MinHash band keys (``minhash.py``),
+   written as a per-task document table to local scratch;
+2. cluster (one task, in-process): exact -> URL (first by crawl date) -> near duplicates: LSH candidate pairs,
+   each verified with the true Jaccard of the shingle sets before anything is removed, union-find over the
+   verified pairs, one document kept per cluster by ``keep`` (rules in ``cluster.py``); also against the
+   persistent index of earlier snapshots (``index.py``), whose shingle sets are fetched by ranged reads;
+3. filter (per task): drops the removed documents and writes ``data/`` as before.
+
+Outputs: ``data/*.jsonl.gz`` and ``duplicates.jsonl.gz`` (one row per removed document: id, url, reason
+exact|url|near, matched_id, matched_url, matched_snapshot, jaccard, cluster). With ``index`` set, the kept
+documents become this snapshot's segment of the index, committed (one atomic write of ``index.json``) after
+``data/`` is written; re-running a snapshot replaces its segment.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Literal
 
 from pydantic import Field
 
 from stages.core.config import Strict
-from stages.core.runner import StageContext, StageResult
+from stages.core.runner import StageContext, StageError, StageResult
 
 
 class Config(Strict):
-    exact: bool = True  # remove exact duplicates (same text after whitespace normalization)
-    near: bool = True  # remove near duplicates (MinHash LSH)
-    n_grams: int = Field(5, ge=1)  # word n-grams per shingle
-    num_buckets: int = Field(14, ge=1)  # LSH bands
-    hashes_per_bucket: int = Field(8, ge=1)  # rows per band
-    minhash_seed: int = 1  # seed of the MinHash permutations (fixed so that indexes stay comparable)
-    # words of a shingle: "split" splits datatrove's simplify_text output (already lowercased, punctuation
-    # removed) on whitespace, ~25x faster than "spacy" (datatrove's spacy.blank tokenizer for `language`)
-    # and the same shingles for space-delimited languages (on the sample crawl, 2 shingles of 9,200 differ)
-    word_tokenizer: Literal["split", "spacy"] = "split"
-    language: str = "en"  # spacy tokenizer language (spacy.blank; no model download)
+    exact: bool = True  # remove exact duplicates (same text after whitespace collapsing); first one kept
+    url: bool = True  # remove documents whose URL was seen before; first by crawl date kept
+    near: bool = True  # remove near duplicates (MinHash LSH candidates verified by true Jaccard)
+    threshold: float = Field(0.8, gt=0, le=1)  # true Jaccard of the shingle sets for a near duplicate
+    n_grams: int = Field(5, ge=1)  # words per shingle
+    bands: int = Field(14, ge=1)  # LSH bands (FineWeb: 14 x 8; J=0.8 is a candidate with p=0.92, 0.7: 0.56)
+    rows: int = Field(8, ge=1)  # MinHash values per band
+    seed: int = 1  # MinHash permutation seed (part of the index's settings)
+    # which near duplicate of a cluster is kept: longest (most characters), first (earliest crawl date, then
+    # input order) or quality (highest metadata.quality_score, else longest); ties by input order
+    keep: Literal["longest", "first", "quality"] = "longest"
+    # persistent cross-snapshot index: a folder relative to the storage root, or a URL (s3://bucket/prefix);
+    # null = dedup within this run only
+    index: str | None = "index/dedup"
+    snapshot: str | None = None  # this run's name in the index (default: the run id)
 
 
-def dedup_content(doc) -> str:
-    """What exact dedup compares: the text with whitespace runs collapsed."""
-    return " ".join(doc.text.split())
-
-
-def first_wins(doc) -> int:
-    """Exact-dedup priority (higher is kept): earlier tasks win, so the first copy in input order survives."""
-    return 65535 - int(doc.metadata.get("_dedup_rank", 0))
-
-
-class SplitWords:
-    """Whitespace word tokenizer for MinHash shingles (input is datatrove's simplify_text output)."""
-
-    def word_tokenize(self, text: str) -> list[str]:
-        return text.split()
-
-
-def _signature_block(cfg: Config, folder: str, mh_cfg):
-    from datatrove.pipeline.dedup import MinhashDedupSignature
-
-    block = MinhashDedupSignature(folder, config=mh_cfg, language=cfg.language)
-    if cfg.word_tokenizer == "split":
-        block.word_tokenizer = SplitWords()
-    return block
-
-
-def _rank_stamp_cls():
-    from datatrove.pipeline.base import PipelineStep
-
-    class RankStamp(PipelineStep):
-        """Records the task rank on each document (only in the signature pass; nothing is written)."""
-
-        name = "🏷 rank stamp"
-        type = "🫂 - DEDUP"
-
-        def run(self, data, rank: int = 0, world_size: int = 1):
-            for doc in data:
-                doc.metadata["_dedup_rank"] = rank
-                yield doc
-
-    return RankStamp
+def _storage_root(ctx: StageContext) -> str:
+    """The storage root the run folder lives in (``<root>/<run_id>``)."""
+    uri = ctx.root.uri
+    return uri[:-len(ctx.run_id)].rstrip("/") if uri.endswith(ctx.run_id) else os.path.dirname(uri)
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
-    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
-                                                      ExactFindDedups)
+    from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
+    from stages.dedup.blocks import DUPLICATES, cluster_block_cls, filter_block_cls, signature_block_cls
+    from stages.dedup.index import DedupIndex, index_storage
+    from stages.dedup.minhash import MinHasher
 
-    from stages.core.pipeline import data_result, output_steps, run_pipeline, upstream_reader
+    scratch = os.path.join(ctx.workdir, "dedup")
+    tasks = ctx.cfg.run.tasks
+    params = MinHasher(cfg.n_grams, cfg.bands, cfg.rows, cfg.seed).params()
+    snapshot = cfg.snapshot or ctx.run_id
+    index = DedupIndex(index_storage(cfg.index, _storage_root(ctx)).uri) if cfg.index else None
+    if index is not None and (why := index.check_params(index.load(), params)):
+        raise StageError(why)
+    segment = index.new_segment_path(snapshot) if index else None
+    seconds = {}
 
-    def scratch(name: str) -> str:  # signatures, buckets, clusters: local scratch of the local executor
-        return os.path.join(ctx.workdir, name)
+    t = time.perf_counter()
+    sig = run_pipeline(ctx, [upstream_reader(ctx, "normalize"),
+                             signature_block_cls()(scratch, cfg.n_grams, cfg.bands, cfg.rows, cfg.seed)],
+                       name="dedup_signature")
+    seconds["signature"] = time.perf_counter() - t
 
-    def read():  # a fresh reader per pipeline, over exactly the files normalize's manifest lists
-        return upstream_reader(ctx, "normalize")
+    t = time.perf_counter()
+    rules = dict(exact=cfg.exact, url=cfg.url, near=cfg.near, threshold=cfg.threshold, keep=cfg.keep)
+    cl = run_pipeline(ctx, [cluster_block_cls()(scratch, tasks, ctx.out.uri, rules, params,
+                                                index.uri if index else None, snapshot, segment)],
+                      name="dedup_cluster", tasks=1)
+    seconds["cluster"] = time.perf_counter() - t
+    with open(os.path.join(scratch, "counts.json")) as f:
+        counts = json.load(f)
 
-    def exact_filter() -> list:
-        return [ExactDedupFilter(scratch("exact_dups"), config=exact_cfg)] if cfg.exact else []
+    t = time.perf_counter()
+    filt = run_pipeline(ctx, [upstream_reader(ctx, "normalize"), filter_block_cls()(scratch), *output_steps(ctx)],
+                        name="dedup_filter")
+    seconds["filter"] = time.perf_counter() - t
+    dropped = block_stats(filt, "🧹 dedup filter")
+    removed = counts.pop("removed")
+    if int(dropped.get("dropped", 0)) != sum(removed.values()):
+        raise StageError(f"dedup: the filter dropped {dropped.get('dropped', 0)} documents, the cluster step "
+                         f"decided {sum(removed.values())}")
 
-    metrics: dict = {"blocks": {}}
-    exact_cfg = ExactDedupConfig(content_getter=dedup_content, document_priority=first_wins)
-    mh_cfg = MinhashConfig(n_grams=cfg.n_grams, num_buckets=cfg.num_buckets,
-                           hashes_per_bucket=cfg.hashes_per_bucket, seed=cfg.minhash_seed)
-
-    if cfg.exact:
-        metrics["blocks"]["exact_signature"] = run_pipeline(
-            ctx, [read(), _rank_stamp_cls()(), ExactDedupSignature(scratch("exact_sigs"), config=exact_cfg)],
-            name="exact_signature")
-        metrics["blocks"]["exact_find"] = run_pipeline(
-            ctx, [ExactFindDedups(scratch("exact_sigs"), scratch("exact_dups"), config=exact_cfg)],
-            name="exact_find", tasks=1)
-    clusters = 0
-    if cfg.near:
-        metrics["blocks"]["minhash_signature"] = run_pipeline(
-            ctx, [read(), *exact_filter(), _signature_block(cfg, scratch("mh_sigs"), mh_cfg)],
-            name="minhash_signature")
-        metrics["blocks"]["minhash_buckets"] = run_pipeline(
-            ctx, [MinhashDedupBuckets(scratch("mh_sigs"), scratch("mh_buckets"), config=mh_cfg)],
-            name="minhash_buckets", tasks=cfg.num_buckets)
-        cl = run_pipeline(ctx, [MinhashDedupCluster(scratch("mh_buckets"), scratch("mh_remove"), config=mh_cfg,
-                                                    save_cluster_id=True)], name="minhash_cluster", tasks=1)
-        metrics["blocks"]["minhash_cluster"] = cl
-        stats = next(iter(cl.values()))
-        clusters = int(stats.get("clusters", 0))
-        metrics["near_duplicate_documents"] = int(stats.get("duplicates", 0))  # members of all clusters
-
-    steps = [read(), *exact_filter()]
-    if cfg.near:
-        steps.append(MinhashDedupFilter(scratch("mh_remove")))
-    blocks = run_pipeline(ctx, steps + output_steps(ctx), name="dedup_filter")
-    metrics["blocks"]["filter"] = blocks
-    reader, *removers = list(blocks.values())[:len(steps)]  # the reader, then the enabled filters in order
-    exact = removers.pop(0) if cfg.exact else {}
-    near = removers.pop(0) if cfg.near else {}
-    removed = {"exact": int(exact.get("dropped", 0)), "near_duplicate": int(near.get("dropped", 0))}
-    return data_result(ctx, blocks, int(reader.get("documents", 0)), removed, metrics=metrics,
-                       near_duplicate_clusters=clusters)
+    index_counts = counts.pop("index")
+    if index is not None:
+        t = time.perf_counter()
+        replaced = index.commit(snapshot, {"path": segment, "documents": index_counts.get("added_documents", 0)},
+                                params)
+        if replaced and replaced != segment:
+            index.remove(replaced)
+        seconds["index_commit"] = time.perf_counter() - t
+        index_counts.update(uri=index.uri, snapshot=snapshot, segments_read=len(index.prior_segments(
+            index.load(), snapshot)), replaced_segment=bool(replaced))
+    documents_in = int(block_stats(sig, "🔏 dedup signature").get("documents", 0))
+    metrics = {"seconds": {k: round(v, 3) for k, v in seconds.items()},
+               "blocks": {"signature": sig, "cluster": cl, "filter": filt}}
+    return data_result(ctx, filt, documents_in, removed, extra_outputs=(DUPLICATES,), metrics=metrics,
+                       near=counts["near"], index=index_counts if index is not None else None,
+                       snapshot=snapshot)

@@ -1,0 +1,277 @@
+"""The dedup stage's datatrove blocks: signature (per task) -> cluster (one task) -> filter (per task).
+
+Blocks are created by factories (datatrove is imported lazily) and take only strings and numbers, so they
+pickle into any executor's workers. ``scratch`` is a folder every task can reach: the local executor's
+``ctx.workdir``; on a multi-node executor a shared filesystem path (the cluster step memory-maps the shingle
+files found there).
+
+Scratch layout: ``tasks/<rank>/`` one document table per signature task (see ``index.py``), in the order the
+task's reader yields documents; ``decisions/<rank>.npz`` the positions (and ids, as a check) of the documents
+the filter task of that rank drops, with the reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from datetime import datetime, timezone
+from functools import lru_cache
+
+import numpy as np
+
+from stages.dedup.index import (ARRAYS, DOCS, NO_DATE, SHINGLES, DedupIndex, PriorDocs, npz_bytes,
+                                parquet_bytes, read_parquet_rows)
+
+DUPLICATES = "duplicates.jsonl.gz"
+
+
+def task_folder(scratch: str, rank: int) -> str:
+    return os.path.join(scratch, "tasks", f"{rank:05d}")
+
+
+def decisions_file(scratch: str, rank: int) -> str:
+    return os.path.join(scratch, "decisions", f"{rank:05d}.npz")
+
+
+def content_text(text: str) -> str:
+    """What exact dedup compares: the text with whitespace runs collapsed."""
+    return " ".join(text.split())
+
+
+@lru_cache(maxsize=4096)
+def crawl_time(value) -> int:
+    """Epoch seconds of an ISO 8601 date (naive = UTC); NO_DATE when missing or unreadable."""
+    if not value:
+        return NO_DATE
+    try:
+        d = datetime.fromisoformat(str(value).strip())
+    except ValueError:
+        return NO_DATE
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    return int(d.timestamp())
+
+
+def _quality(value) -> float:
+    try:
+        q = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return q if math.isfinite(q) else math.nan
+
+
+class TableWriter:
+    """Builds one document table: shingles streamed to disk, small arrays and strings kept until close."""
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.folder = folder
+        self.sh = open(os.path.join(folder, SHINGLES), "wb")
+        self.cols: dict[str, list] = {k: [] for k in ("content_hash", "url_hash", "date", "length", "quality",
+                                                      "band_keys")}
+        self.offsets = [0]
+        self.strings: dict[str, list] = {"id": [], "url": [], "date": []}
+
+    def add(self, *, content_hash: int, url_hash: int, date: int, length: int, quality: float,
+            band_keys: np.ndarray, shingles: np.ndarray, id: str, url: str, date_str: str) -> None:
+        for k, v in (("content_hash", content_hash), ("url_hash", url_hash), ("date", date),
+                     ("length", length), ("quality", quality), ("band_keys", band_keys)):
+            self.cols[k].append(v)
+        self.sh.write(np.ascontiguousarray(shingles, dtype="<u8").tobytes())
+        self.offsets.append(self.offsets[-1] + len(shingles))
+        for k, v in (("id", id), ("url", url), ("date", date_str)):
+            self.strings[k].append(v)
+
+    def close(self, bands: int) -> int:
+        self.sh.close()
+        c = self.cols
+        arrays = {"content_hash": np.array(c["content_hash"], dtype=np.uint64),
+                  "url_hash": np.array(c["url_hash"], dtype=np.uint64),
+                  "date": np.array(c["date"], dtype=np.int64), "length": np.array(c["length"], dtype=np.int64),
+                  "quality": np.array(c["quality"], dtype=np.float64),
+                  "band_keys": np.array(c["band_keys"], dtype=np.uint64).reshape(-1, bands),
+                  "offsets": np.array(self.offsets, dtype=np.int64)}
+        with open(os.path.join(self.folder, ARRAYS), "wb") as f:
+            f.write(npz_bytes(arrays))
+        with open(os.path.join(self.folder, DOCS), "wb") as f:
+            f.write(parquet_bytes(self.strings))
+        return len(self.offsets) - 1
+
+
+def signature_block_cls():
+    from datatrove.pipeline.base import PipelineStep
+
+    class DedupSignature(PipelineStep):
+        """Per document: content hash, URL hash, crawl date, length, quality, shingles, band keys -> scratch."""
+
+        name = "🔏 dedup signature"
+        type = "🫂 - DEDUP"
+
+        def __init__(self, scratch: str, n_grams: int, bands: int, rows: int, seed: int):
+            super().__init__()
+            self.scratch, self.params = scratch, dict(n_grams=n_grams, bands=bands, rows=rows, seed=seed)
+
+        def run(self, data, rank: int = 0, world_size: int = 1):
+            import xxhash
+
+            from stages.dedup.minhash import MinHasher
+
+            mh = MinHasher(**self.params)
+            out = TableWriter(task_folder(self.scratch, rank))
+            for doc in data:
+                with self.track_time():
+                    meta = doc.metadata or {}
+                    url, date = meta.get("url") or "", meta.get("date") or ""
+                    shingles = mh.shingles(doc.text)
+                    sig = mh.signature(shingles)
+                    t = crawl_time(date)
+                    q = _quality(meta.get("quality_score"))
+                    out.add(content_hash=xxhash.xxh3_64_intdigest(content_text(doc.text)),
+                            url_hash=xxhash.xxh3_64_intdigest(url) if url else 0, date=t, length=len(doc.text),
+                            quality=q, band_keys=mh.band_keys(sig), shingles=shingles, id=str(doc.id),
+                            url=str(url), date_str=str(date))
+                self.stat_update("documents")
+                if t == NO_DATE:
+                    self.stat_update("no_date")
+                if not url:
+                    self.stat_update("no_url")
+                if not len(shingles):
+                    self.stat_update("no_words")
+            out.close(mh.bands)
+
+    return DedupSignature
+
+
+def cluster_block_cls():
+    from datatrove.pipeline.base import PipelineStep
+
+    class DedupCluster(PipelineStep):
+        """One task: decisions over all signature tables and the index; writes per-task decisions, the
+        duplicates report (``out_uri``/duplicates.jsonl.gz) and, with an index, this snapshot's new segment
+        (not yet committed: the stage commits it after the filter has written the data)."""
+
+        name = "🔗 dedup cluster"
+        type = "🫂 - DEDUP"
+
+        def __init__(self, scratch: str, tasks: int, out_uri: str, rules: dict, params: dict,
+                     index_uri: str | None, snapshot: str, segment: str | None):
+            super().__init__()
+            self.scratch, self.tasks, self.out_uri, self.rules, self.params = scratch, tasks, out_uri, rules, params
+            self.index_uri, self.snapshot, self.segment = index_uri, snapshot, segment
+
+        def run(self, data=None, rank: int = 0, world_size: int = 1):
+            from stages.core.storage import Storage
+            from stages.dedup.cluster import KEEP, REASONS, ScratchTables, decide
+
+            tables = ScratchTables([task_folder(self.scratch, r) for r in range(self.tasks)])
+            index = DedupIndex(self.index_uri) if self.index_uri else None
+            segments = index.prior_segments(index.load(), self.snapshot) if index else []
+            prior = PriorDocs(index, segments, self.params["bands"])
+            with self.track_time():
+                d = decide(tables, prior, **self.rules)
+            n = len(tables)
+            removed = np.flatnonzero(d.reason != KEEP)
+            # strings only for reported rows: removed documents and what they matched
+            cur_rows = np.union1d(removed, d.matched[(d.matched >= 0) & (d.matched < n)])
+            info = self._describe(tables, cur_rows)
+            old = prior.describe(d.matched[d.matched >= n] - n) if (d.matched >= n).any() else {}
+            rows = []
+            for i in removed.tolist():
+                m = int(d.matched[i])
+                mi = info[m] if m < n else old[m - n]
+                rows.append({"id": info[i]["id"], "url": info[i]["url"], "reason": REASONS[int(d.reason[i])],
+                             "matched_id": mi["id"], "matched_url": mi["url"],
+                             "matched_snapshot": self.snapshot if m < n else mi["snapshot"],
+                             "jaccard": None if np.isnan(d.jaccard[i]) else round(float(d.jaccard[i]), 4),
+                             "cluster": None if d.cluster[i] < 0 else int(d.cluster[i])})
+            payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
+            Storage(self.out_uri).write_bytes(DUPLICATES, gzip.compress(payload, mtime=0))
+            for r in range(self.tasks):  # per filter task: positions to drop, ids as a check, reasons
+                lo, hi = tables.first[r], tables.first[r + 1]
+                pos = removed[(removed >= lo) & (removed < hi)]
+                os.makedirs(os.path.dirname(decisions_file(self.scratch, r)), exist_ok=True)
+                np.savez(decisions_file(self.scratch, r), pos=pos - lo, reason=d.reason[pos],
+                         ids=np.array([info[i]["id"] for i in pos.tolist()], dtype=str))
+            if index is not None:
+                kept = self._write_segment(index, tables, d.reason == KEEP)
+                d.counts["index"]["added_documents"] = kept
+            self._stats(d.counts)
+            with open(os.path.join(self.scratch, "counts.json"), "w") as f:
+                json.dump(d.counts, f)
+
+        @staticmethod
+        def _describe(tables, rows: np.ndarray) -> dict[int, dict]:
+            out = {}
+            for task in np.unique([tables.locate(i)[0] for i in rows.tolist()]).tolist() if rows.size else []:
+                members = rows[(rows >= tables.first[task]) & (rows < tables.first[task + 1])]
+                for i, r in zip(members.tolist(),
+                                read_parquet_rows(tables.docs_parquet(task), members - tables.first[task])):
+                    out[i] = r
+            return out
+
+        def _write_segment(self, index: DedupIndex, tables, keep: np.ndarray) -> int:
+            """This snapshot's kept documents as a new document table in the index (shingles streamed)."""
+            st = index.storage
+            arrays = {k: v[keep] for k, v in tables.arrays.items()}
+            strings: dict[str, list] = {"id": [], "url": [], "date": []}
+            lengths = []
+            with st.open(f"{self.segment}/{SHINGLES}", "wb") as f:
+                for task in range(self.tasks):
+                    lo, hi = tables.first[task], tables.first[task + 1]
+                    rows = np.flatnonzero(keep[lo:hi])
+                    off = tables.offsets[task]
+                    sh = tables.task_shingles(task)
+                    for r in rows.tolist():
+                        f.write(np.asarray(sh[off[r]:off[r + 1]], dtype="<u8").tobytes())
+                        lengths.append(off[r + 1] - off[r])
+                    for r in read_parquet_rows(tables.docs_parquet(task), rows):
+                        for k in strings:
+                            strings[k].append(r[k])
+            arrays["offsets"] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+            st.write_bytes(f"{self.segment}/{DOCS}", parquet_bytes(strings))
+            st.write_bytes(f"{self.segment}/{ARRAYS}", npz_bytes(arrays))  # last: a segment is whole with it
+            return int(keep.sum())
+
+        def _stats(self, counts: dict, prefix: str = "") -> None:
+            for k, v in counts.items():
+                if isinstance(v, dict):
+                    self._stats(v, f"{prefix}{k}.")
+                elif isinstance(v, (int, np.integer)) and v:
+                    self.stat_update(f"{prefix}{k}", value=int(v))
+
+    return DedupCluster
+
+
+def filter_block_cls():
+    from datatrove.pipeline.base import PipelineStep
+
+    class DedupFilter(PipelineStep):
+        """Drops the documents the cluster step removed (by position in this task's input; ids checked)."""
+
+        name = "🧹 dedup filter"
+        type = "🫂 - DEDUP"
+
+        def __init__(self, scratch: str):
+            super().__init__()
+            self.scratch = scratch
+
+        def run(self, data, rank: int = 0, world_size: int = 1):
+            from stages.dedup.cluster import REASONS
+
+            with np.load(decisions_file(self.scratch, rank)) as z:
+                drop = dict(zip(z["pos"].tolist(), zip(z["reason"].tolist(), z["ids"].tolist())))
+            for pos, doc in enumerate(data):
+                self.stat_update("documents")
+                hit = drop.get(pos)
+                if hit is None:
+                    yield doc
+                    continue
+                if str(doc.id) != hit[1]:
+                    raise RuntimeError(f"dedup filter task {rank}: document {pos} is {doc.id!r}, the signature "
+                                       f"step saw {hit[1]!r} (input order changed between the two passes)")
+                self.stat_update("dropped")
+                self.stat_update(f"dropped_{REASONS[hit[0]]}")
+
+    return DedupFilter

@@ -29,7 +29,7 @@ def run() -> dict:
                                          "what": "whole DAG (no Prefect), tiny profile, sample crawl"}
     ing = manifests["ingest"]["counts"]
     figures["pipeline.ingest.docs_per_s"] = {"value": round(ing["documents_out"] / manifests["ingest"]["wall_time_s"], 1),
-                                             "unit": "docs/s", "what": "ingest (WARC read + trafilatura)"}
+                                             "unit": "docs/s", "what": "ingest (WARC read + main-text extraction, default extractor)"}
     tr = manifests["train"]
     if "tokens_per_s" in tr.get("metrics", {}):
         figures["pipeline.train.tokens_per_s"] = {"value": tr["metrics"]["tokens_per_s"], "unit": "tokens/s",

@@ -301,6 +301,39 @@ def test_http_inputs_are_streamed(http_root):
     assert peak < 0.6 * big.stat().st_size, peak  # ~9.6 MB measured (largest page + buffers)
 
 
+def test_http_open_retries_transient_errors_not_missing_files():
+    """A server answering 503 twice (Common Crawl's SlowDown) is retried; a 404 is not (unreadable at once)."""
+    hits = []
+    payload = (WARC / "cc.warc.gz").read_bytes()
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.do_GET(body=False)
+
+        def do_GET(self, body=True):
+            hits.append(self.path)
+            status = 404 if "missing" in self.path else 503 if hits.count(self.path) <= 2 else 200
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(payload) if status == 200 else 0))
+            self.end_headers()
+            if body and status == 200:
+                self.wfile.write(payload)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        docs, st = read([base + "cc.warc.gz", base + "missing.warc.gz"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert st["pages"] == 1 and st["unreadable_files"] == 1
+    assert hits.count("/cc.warc.gz") >= 3 and hits.count("/missing.warc.gz") <= 2  # HEAD (+ GET) once
+
+
 def test_s3_storage_and_s3_input(tmp_path, s3_bucket):
     """Artifacts in S3 (moto_server); WARC input from an s3:// glob and an s3:// prefix (a folder)."""
     src = Storage(s3_bucket).sub("crawl")

@@ -287,7 +287,12 @@ def open_raw(path: str, seekable: bool = False, attempts: int = 3):
         try:
             return fsspec.open(path, "rb", **kw).open()
         except Exception as e:
-            if isinstance(e, (FileNotFoundError, PermissionError)) or attempt + 1 == tries:
+            # fsspec's HTTP turns every failure into FileNotFoundError: only a 403/404 (or no cause) is final
+            cause = e.__cause__
+            missing = isinstance(e, (FileNotFoundError, PermissionError)) and (
+                cause is None or isinstance(cause, (FileNotFoundError, PermissionError))
+                or getattr(cause, "status", None) in (401, 403, 404, 410))
+            if missing or attempt + 1 == tries:
                 raise
             time.sleep(2**attempt)
 

@@ -93,7 +93,8 @@ def run() -> dict:
         kind = f"{gz_mb:.0f} MB .warc.gz" if label == "gz" else f"{raw_mb:.0f} MB uncompressed .warc"
         print(f"reader {label:<5}: {records} records, {docs} docs in {secs:.2f} s: {records / secs:,.0f} records/s, "
               f"{file_mb / secs:.1f} MB/s of files, {raw_mb / secs:.1f} MB/s of WARC", flush=True)
-        fig(f"ingest.reader.{label}.records_per_s", records / secs, "records/s", f"ingest reader, sample crawl ({kind}), 1 thread")
+        fig(f"ingest.reader.{label}.records_per_s", records / secs, "records/s",
+            f"ingest reader, sample crawl ({kind}), 1 thread")
         fig(f"ingest.reader.{label}.warc_mb_per_s", raw_mb / secs, "MB/s",
             f"ingest reader, uncompressed WARC bytes per s ({kind}), 1 thread")
         if label == "gz":

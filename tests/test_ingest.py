@@ -205,6 +205,23 @@ def test_unknown_extension_is_one_clear_error(tmp_path):
         ["warc", "wet", "jsonl", "arc", None]
 
 
+def test_inputs_listed_with_sizes_and_balanced_by_size(tmp_path):
+    from stages.core.runner import StageContext
+    from stages.ingest.sources import balance, input_files
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    names = {"in/a.warc.gz": "iana.warc.gz", "in/sub/b.warc.gz": "warcfile.warc.gz",
+             "in/c.wet.gz": "whirlwind.warc.wet.gz", "in/d.warc.gz": "sample-0000.warc.gz",
+             "in/e.warc.gz": "sample-0001.warc.gz"}
+    for rel, real in names.items():
+        shutil.copy(WARC / real, tmp_path / rel)
+    cfg = cfg_for([tmp_path / "in", tmp_path / "in" / "a.warc.gz"])  # a folder, and a file in it again
+    files = input_files(cfg.ingest, StageContext("ingest", "r", cfg, None, None, {}, str(tmp_path)))
+    assert sorted(files) == sorted((str(tmp_path / rel), (WARC / real).stat().st_size) for rel, real in names.items())
+    shards = balance(files, 2)  # 787k | 237k + 214k + 136k + 3k: the big file alone, the rest together
+    assert shards == [[str(tmp_path / "in/a.warc.gz")], sorted(str(tmp_path / r) for r in names if "a.warc" not in r)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # sources: Common Crawl through a local HTTP server, s3://
 

@@ -105,28 +105,32 @@ def sizes(urls: list[str], strict: bool) -> list[tuple[str, int]]:
         return list(pool.map(one, urls))
 
 
-def expand(pattern: str) -> list[str]:
-    """Files of one input entry: a file, folder (recursive), glob or URL -> sorted URLs/paths."""
+def expand(pattern: str) -> list[tuple[str, int | None]]:
+    """Files of one input entry (a file, folder (recursive), glob or URL) as sorted (URL/path, size); sizes
+    come with the listing (one request per folder or glob on S3), None for http(s) URLs (no listing there)."""
     if pattern.startswith(("http://", "https://")):
-        return [pattern]  # one file per URL (HTTP has no listing)
+        return [(pattern, None)]
     try:
         fs, p = _fs(pattern)
-        matches = fs.glob(p) if any(c in pattern for c in "*?[") else ([p] if fs.exists(p) else [])
-        out, ignored = [], []
-        for m in sorted(matches):
-            if fs.isdir(m):
-                found = sorted(fs.find(m))
-                out += [f for f in found if file_kind(f)]
-                ignored += [f for f in found if not file_kind(f)]
+        if any(c in pattern for c in "*?["):
+            matches = fs.glob(p, detail=True)
+        else:
+            matches = {p: fs.info(p)} if fs.exists(p) else {}
+        out, ignored = {}, []
+        for m, info in sorted(matches.items()):
+            if info.get("type") == "directory":
+                for f, finfo in sorted(fs.find(m, detail=True).items()):
+                    if file_kind(f):
+                        out[f] = finfo.get("size")
+                    else:
+                        ignored.append(f)
             else:
-                out.append(m)
-    except StageError:
-        raise
+                out[m] = info.get("size")
     except Exception as e:
         raise StageError(f"ingest.inputs: cannot list '{pattern}': {type(e).__name__}: {e}") from None
     if ignored:
         log.warning("ingest: %d files of unknown type ignored under %s (e.g. %s)", len(ignored), pattern, ignored[0])
-    return [_with_proto(pattern, m) for m in out]
+    return [(_with_proto(pattern, m), size) for m, size in out.items()]
 
 
 def common_crawl_urls(cc: CommonCrawl) -> list[str]:
@@ -161,18 +165,19 @@ def input_files(cfg, ctx: StageContext) -> list[tuple[str, int]]:
     """All input files of ingest as (URL or path, size), de-duplicated, in a stable order."""
     if not cfg.inputs and cfg.common_crawl is None:
         raise StageError("ingest.inputs is empty and no ingest.common_crawl is set: nothing to read")
-    named: list[str] = []
+    named: dict[str, int | None] = {}
     for pattern in cfg.inputs:
         resolved = resolve_path(ctx.cfg, pattern)
         matches = expand(resolved)
         if not matches:
             raise StageError(f"ingest.inputs: '{pattern}' matches no file (resolved to {resolved})")
-        named += matches
+        named |= dict(matches)
     unknown = [m for m in named if not file_kind(m)]
     if unknown:
         raise StageError(f"ingest.inputs: unknown file type '{unknown[0]}' ({len(unknown)} such files); "
                          f"readable: {SUPPORTED}")
-    out = sizes(list(dict.fromkeys(named)), strict=True)
+    out = [(u, int(n or 0)) for u, n in named.items() if n is not None]
+    out += sizes([u for u, n in named.items() if n is None], strict=True)
     if cfg.common_crawl is not None:
         out += sizes(common_crawl_urls(cfg.common_crawl), strict=False)
     return list(dict(out).items())

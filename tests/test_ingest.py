@@ -371,6 +371,23 @@ def test_s3_storage_and_s3_input(tmp_path, s3_bucket):
                                                       "an.wikipedia.org"}
 
 
+def test_common_crawl_from_s3(tmp_path, s3_bucket):
+    """base_url s3://... (as s3://commoncrawl/): the listing and the files come from the bucket."""
+    from stages.core.runner import StageContext
+    from stages.ingest.sources import input_files
+
+    paths = make_crawl(tmp_path, "wet")
+    bucket = Storage(s3_bucket)
+    for rel in [*paths, f"crawl-data/{CC}/wet.paths.gz"]:
+        bucket.put_file(str(tmp_path / rel), rel)
+    cc = {"crawl": CC, "segments": [2, 3], "files_per_segment": 5, "kind": "wet", "base_url": s3_bucket}
+    cfg = load_tiny(None, {"ingest.inputs": [], "ingest.common_crawl": cc})
+    files = input_files(cfg.ingest, StageContext("ingest", "r", cfg, None, None, {}, str(tmp_path)))
+    assert files == [(f"{s3_bucket}/{paths[2]}", (WARC / "whirlwind.warc.wet.gz").stat().st_size)]
+    docs, st = read([f for f, _ in files])
+    assert st["text_docs"] == 1 and docs[0].metadata["url"] == "https://an.wikipedia.org/wiki/Escopete"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # whole stage on WARC files
 

@@ -142,7 +142,7 @@ def test_truncated_warc_keeps_every_record_before_the_cut(tmp_path):
 
 def _bad_lines(max_len: int) -> list[bytes]:
     return [b"not json {", b"[1, 2]", b'{"id": "no-text"}', b'{"text": ""}', b'{"text": "   "}', b'{"text": 5}',
-            b'{"text": "\xff\xfe invalid utf-8"}', b"", b'{"text": "%s"}' % (b"x" * max_len)]
+            b'{"text": "\xff\xfe invalid utf-8"}', b"", b"[" * 100_000, b'{"text": "%s"}' % (b"x" * max_len)]
 
 
 def test_jsonl_and_parquet_document_sets(tmp_path):
@@ -158,7 +158,7 @@ def test_jsonl_and_parquet_document_sets(tmp_path):
     rows = [json.loads(line) for line in lines]
     pq.write_table(pa.Table.from_pylist(rows + [{**rows[0], "text": None}, {**rows[1], "text": ""}]),
                    tmp_path / "docs.parquet")
-    for name, n_bad, too_large in (("docs.jsonl", 8, 1), ("docs.json.gz", 8, 1), ("docs.parquet", 2, 0)):
+    for name, n_bad, too_large in (("docs.jsonl", 9, 1), ("docs.json.gz", 9, 1), ("docs.parquet", 2, 0)):
         docs, st = read([tmp_path / name], max_record_bytes=1_000_000)
         assert st["records"] == 20 + n_bad + too_large and st["text_docs"] == 20
         assert st["skip_bad_line"] == n_bad and st.get("skip_too_large", 0) == too_large
@@ -169,7 +169,7 @@ def test_jsonl_and_parquet_document_sets(tmp_path):
         assert md["date"] == rows[0]["metadata"]["date_download"] and md["domain"] == "100kinvesting.com"
         assert md["perplexity"] == rows[0]["metadata"]["perplexity"] and md["orig_source"] == "common-crawl"
     docs, _ = read([tmp_path / "docs.jsonl"], 1_000_000, id_field="no_such_field", text_field="text")
-    assert docs[0].id == "docs.jsonl#0" and docs[7].id == "docs.jsonl#16"  # file + line (9 bad lines between)
+    assert docs[0].id == "docs.jsonl#0" and docs[7].id == "docs.jsonl#17"  # file + line (10 bad lines between)
 
 
 def test_stage_reads_every_format_and_text_passes_extraction(tmp_path):
@@ -189,7 +189,7 @@ def test_stage_reads_every_format_and_text_passes_extraction(tmp_path):
     m = run_stage("ingest", cfg_for([src]), str(tmp_path / "st"), "run1")  # a folder input
     c = m["counts"]
     assert c["files_in"] == 4 and c["files_by_kind"] == {"jsonl": 1, "parquet": 1, "warc": 1, "wet": 1}
-    assert c["text_documents"] == 21 and c["html_pages"] == 1 and c["removed"]["bad_line"] == 8 and balanced(c)
+    assert c["text_documents"] == 21 and c["html_pages"] == 1 and c["removed"]["bad_line"] == 9 and balanced(c)
     docs = {d["id"]: d for d in read_docs(str(tmp_path / "st"))}
     for i, r in enumerate(rows):
         assert docs[f"pq-{i}"]["text"] == r["text"] and docs[f"pq-{i}"]["metadata"]["format"] == "text"

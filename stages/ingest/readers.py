@@ -406,7 +406,7 @@ def iter_jsonl(f, source: str, max_bytes: int, text_field: str, id_field: str):
         try:
             yield json_row(json.loads(line.removeprefix(b"\xef\xbb\xbf") if idx == 0 else line), source, idx,
                            text_field, id_field)
-        except ValueError:  # invalid JSON or UTF-8 (json.JSONDecodeError, UnicodeDecodeError)
+        except (ValueError, RecursionError):  # invalid JSON or UTF-8, or nested too deep for the parser
             yield "bad_line"
 
 

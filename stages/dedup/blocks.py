@@ -36,8 +36,39 @@ def decisions_file(scratch: str, rank: int) -> str:
 
 
 def content_text(text: str) -> str:
-    """What exact dedup compares: the text with whitespace runs collapsed."""
+    """What exact dedup compares: the text with whitespace runs collapsed (``content_hash`` hashes this)."""
     return " ".join(text.split())
+
+
+@lru_cache(maxsize=1)
+def _space_table() -> np.ndarray:
+    """bool[0x110000]: the code points ``str.split()`` splits on (``str.isspace``)."""
+    table = np.zeros(0x110000, dtype=bool)
+    table[[i for i in range(0x3001) if chr(i).isspace()]] = True  # U+3000 is the last space character
+    return table
+
+
+def content_hash(text: str) -> int:
+    """xxh3-64 of ``content_text(text)``'s code points (uint8 when all are ASCII, else uint32), computed with
+    numpy: ~5x faster than splitting and joining the text."""
+    import xxhash
+
+    if text.isascii():
+        cp = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+        space = _space_table()[:128][cp]
+    else:
+        cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        space = _space_table()[cp]
+    solid = np.flatnonzero(~space)
+    if solid.size == 0:
+        return xxhash.xxh3_64_intdigest(b"")
+    cp, space = cp[solid[0]:solid[-1] + 1], space[solid[0]:solid[-1] + 1]
+    keep = ~space
+    keep[1:] |= ~space[:-1]  # the first space of each run stays (as " ")
+    out = np.where(space, 32, cp)[keep]
+    if out.dtype != np.uint8 and (out.size == 0 or out.max() < 128):
+        out = out.astype(np.uint8)
+    return xxhash.xxh3_64_intdigest(out.tobytes())
 
 
 @lru_cache(maxsize=4096)
@@ -70,28 +101,30 @@ class TableWriter:
         self.folder = folder
         self.sh = open(os.path.join(folder, SHINGLES), "wb")
         self.cols: dict[str, list] = {k: [] for k in ("content_hash", "url_hash", "date", "length", "quality",
-                                                      "band_keys")}
+                                                      "signature")}
         self.offsets = [0]
         self.strings: dict[str, list] = {"id": [], "url": [], "date": []}
 
     def add(self, *, content_hash: int, url_hash: int, date: int, length: int, quality: float,
-            band_keys: np.ndarray, shingles: np.ndarray, id: str, url: str, date_str: str) -> None:
+            signature: np.ndarray, shingles: np.ndarray, id: str, url: str, date_str: str) -> None:
         for k, v in (("content_hash", content_hash), ("url_hash", url_hash), ("date", date),
-                     ("length", length), ("quality", quality), ("band_keys", band_keys)):
+                     ("length", length), ("quality", quality), ("signature", signature)):
             self.cols[k].append(v)
         self.sh.write(np.ascontiguousarray(shingles, dtype="<u8").tobytes())
         self.offsets.append(self.offsets[-1] + len(shingles))
         for k, v in (("id", id), ("url", url), ("date", date_str)):
             self.strings[k].append(v)
 
-    def close(self, bands: int) -> int:
+    def close(self, minhasher) -> int:
+        """Writes the arrays (band keys of all signatures at once: one vectorized pass) and the strings."""
         self.sh.close()
         c = self.cols
+        sigs = np.array(c["signature"], dtype=np.uint64).reshape(-1, minhasher.num_hashes)
         arrays = {"content_hash": np.array(c["content_hash"], dtype=np.uint64),
                   "url_hash": np.array(c["url_hash"], dtype=np.uint64),
                   "date": np.array(c["date"], dtype=np.int64), "length": np.array(c["length"], dtype=np.int64),
                   "quality": np.array(c["quality"], dtype=np.float64),
-                  "band_keys": np.array(c["band_keys"], dtype=np.uint64).reshape(-1, bands),
+                  "band_keys": minhasher.band_keys(sigs).reshape(-1, minhasher.bands),
                   "offsets": np.array(self.offsets, dtype=np.int64)}
         with open(os.path.join(self.folder, ARRAYS), "wb") as f:
             f.write(npz_bytes(arrays))
@@ -128,9 +161,9 @@ def signature_block_cls():
                     sig = mh.signature(shingles)
                     t = crawl_time(date)
                     q = _quality(meta.get("quality_score"))
-                    out.add(content_hash=xxhash.xxh3_64_intdigest(content_text(doc.text)),
+                    out.add(content_hash=content_hash(doc.text),
                             url_hash=xxhash.xxh3_64_intdigest(url) if url else 0, date=t, length=len(doc.text),
-                            quality=q, band_keys=mh.band_keys(sig), shingles=shingles, id=str(doc.id),
+                            quality=q, signature=sig, shingles=shingles, id=str(doc.id),
                             url=str(url), date_str=str(date))
                 self.stat_update("documents")
                 if t == NO_DATE:
@@ -139,7 +172,7 @@ def signature_block_cls():
                     self.stat_update("no_url")
                 if not len(shingles):
                     self.stat_update("no_words")
-            out.close(mh.bands)
+            out.close(mh)
 
     return DedupSignature
 

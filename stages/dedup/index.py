@@ -3,7 +3,7 @@
 A *document table* is a folder of three files, the same format for the per-task scratch of one run and for a
 snapshot's segment in the persistent index:
 
-- ``arrays.npz``: one row per document: ``content_hash`` (xxh3-64 of the whitespace-collapsed text),
+- ``arrays.npz``: one row per document: ``content_hash`` (of the whitespace-collapsed text, ``blocks.py``),
   ``url_hash`` (xxh3-64 of the URL, 0 = no URL), ``date`` (crawl time, epoch seconds; ``NO_DATE`` if unknown),
   ``length`` (characters), ``quality`` (``metadata["quality_score"]``, NaN if absent), ``band_keys``
   ([n, bands] uint64) and ``offsets`` (int64 [n + 1] into the shingle file);

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
-import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
@@ -36,12 +34,13 @@ SHARED = REPO.parent / "shared" / "data"
 WORK = REPO / "bench" / "_work" / "dedup"
 TINY = REPO / "configs" / "tiny.yaml"
 
-_WORD = re.compile(r"\w+")
-
-
 def truth_words(text: str) -> list[str]:
-    """Words of the ground truth: NFKC, lowercase, ``\\w+`` runs (the spec's default word definition)."""
-    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    """Words of the ground truth: the engine's reference definition (``stages.dedup.minhash.words``: NFKC,
+    lowercase, ``\\w+`` runs), so that scores measure LSH + verification rather than a definition mismatch. The
+    engine's shingles use a separate vectorized tokenizer; the n-grams here are exact (no hashing)."""
+    from stages.dedup.minhash import words
+
+    return words(text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,11 +180,11 @@ def keep_first_per_cluster(n: int, pairs: Iterable[tuple[int, int]]) -> list[tup
 
 def base_chunks(texts: Iterable[str], words: Callable[[str], list[str]], shingles: Callable[[str], np.ndarray],
                 rng: np.random.Generator, min_words: int = 80, max_words: int = 400,
-                max_seen: float = 0.05) -> list[list[str]]:
+                max_seen: float = 0.05, limit: int | None = None) -> list[list[str]]:
     """Disjoint windows of real text (min..max words, length drawn at random), as word lists, each sharing at
     most ``max_seen`` of its shingles with all the windows accepted before it: planted pairs built from them
     are independent and cannot collide with one another (a 5% overlap is a Jaccard ≤ 0.05 with any other
-    window, where 14x8 LSH fires with probability ~1e-9)."""
+    window, where 14x8 LSH fires with probability ~1e-9). Stops after ``limit`` windows."""
     seen: set[int] = set()
     out = []
     for text in texts:
@@ -202,6 +201,8 @@ def base_chunks(texts: Iterable[str], words: Callable[[str], list[str]], shingle
             if len(hs & seen) <= max_seen * len(hs):
                 out.append(chunk)
                 seen |= hs
+                if limit is not None and len(out) >= limit:
+                    return out
     return out
 
 

@@ -22,7 +22,9 @@ from functools import lru_cache
 import numpy as np
 
 from stages.dedup.index import (ARRAYS, DOCS, NO_DATE, SHINGLES, DedupIndex, PriorDocs, npz_bytes,
-                                parquet_bytes, read_parquet_rows)
+                                parquet_bytes)
+
+SCRATCH_DOCS = "docs.json"  # per-task strings in scratch: JSON columns (workers need not import pyarrow)
 
 DUPLICATES = "duplicates.jsonl.gz"
 
@@ -128,8 +130,8 @@ class TableWriter:
                   "offsets": np.array(self.offsets, dtype=np.int64)}
         with open(os.path.join(self.folder, ARRAYS), "wb") as f:
             f.write(npz_bytes(arrays))
-        with open(os.path.join(self.folder, DOCS), "wb") as f:
-            f.write(parquet_bytes(self.strings))
+        with open(os.path.join(self.folder, SCRATCH_DOCS), "w") as f:
+            json.dump(self.strings, f)
         return len(self.offsets) - 1
 
 
@@ -159,7 +161,7 @@ def signature_block_cls():
                     url, date = meta.get("url") or "", meta.get("date") or ""
                     shingles = mh.shingles(doc.text)
                     sig = mh.signature(shingles)
-                    t = crawl_time(date)
+                    t = crawl_time(str(date)) if date else NO_DATE
                     q = _quality(meta.get("quality_score"))
                     out.add(content_hash=content_hash(doc.text),
                             url_hash=xxhash.xxh3_64_intdigest(url) if url else 0, date=t, length=len(doc.text),
@@ -240,7 +242,7 @@ def cluster_block_cls():
             for task in np.unique([tables.locate(i)[0] for i in rows.tolist()]).tolist() if rows.size else []:
                 members = rows[(rows >= tables.first[task]) & (rows < tables.first[task + 1])]
                 for i, r in zip(members.tolist(),
-                                read_parquet_rows(tables.docs_parquet(task), members - tables.first[task])):
+                                tables.doc_rows(task, members - tables.first[task])):
                     out[i] = r
             return out
 
@@ -259,7 +261,7 @@ def cluster_block_cls():
                     for r in rows.tolist():
                         f.write(np.asarray(sh[off[r]:off[r + 1]], dtype="<u8").tobytes())
                         lengths.append(off[r + 1] - off[r])
-                    for r in read_parquet_rows(tables.docs_parquet(task), rows):
+                    for r in tables.doc_rows(task, rows):
                         for k in strings:
                             strings[k].append(r[k])
             arrays["offsets"] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)

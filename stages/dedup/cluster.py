@@ -21,12 +21,13 @@ Rules, in order (each one only sees the documents the previous ones kept):
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.dedup.index import ARRAYS, DOCS, SHINGLES, PriorDocs, load_npz
+from stages.dedup.index import ARRAYS, SHINGLES, PriorDocs, load_npz
 from stages.dedup.minhash import candidate_pairs, cross_pairs, jaccard
 
 KEEP, EXACT, URL, NEAR = 0, 1, 2, 3
@@ -68,8 +69,11 @@ class ScratchTables:
     def nonempty(self) -> np.ndarray:
         return np.concatenate([np.diff(o) > 0 for o in self.offsets]) if self.offsets else np.empty(0, bool)
 
-    def docs_parquet(self, task: int) -> bytes:
-        return open(os.path.join(self.folders[task], DOCS), "rb").read()
+    def doc_rows(self, task: int, rows: np.ndarray) -> list[dict]:
+        """{"id", "url", "date"} of the given rows of a task (its strings file is read once per call)."""
+        with open(os.path.join(self.folders[task], "docs.json")) as f:
+            cols = json.load(f)
+        return [{k: cols[k][r] for k in cols} for r in np.asarray(rows, dtype=np.int64).tolist()]
 
 
 @dataclass
@@ -202,13 +206,15 @@ def decide(tables: ScratchTables, prior: PriorDocs, *, exact: bool, url: bool, n
         counts["index"]["candidate_pairs"] = int(len(across))
         counts["index"]["verified_pairs"] = sum(1 for (_, j) in edge_j if j >= n)
         near_from_index = 0
-        for cid, group in enumerate(uf.groups()):
+        groups = uf.groups()
+        for cid, group in enumerate(groups):
             g = np.array(group, dtype=np.int64)
             cur, old = g[g < n], g[g >= n]
             cluster[cur] = cid
             kept = old if old.size else np.array([_keep_order(cur, keep, a["length"], a["quality"], rank)])
-            extra = prior.shingles(old - n) if old.size else {}
-            prior_sets.update(extra)
+            missing = [k for k in (old - n).tolist() if k not in prior_sets]
+            if missing:
+                prior_sets.update(prior.shingles(missing))
             for i in cur.tolist():
                 if i in kept:
                     continue
@@ -217,7 +223,7 @@ def decide(tables: ScratchTables, prior: PriorDocs, *, exact: bool, url: bool, n
                 best = int(np.argmax(sims))
                 reason[i], matched[i], jac[i] = NEAR, kept[best], sims[best]
                 near_from_index += bool(old.size)
-        near_counts["clusters"] = len(uf.parent) and int(cluster.max() + 1)
+        near_counts["clusters"] = len(groups)
         counts["index"]["near"] = near_from_index
         counts["index"]["shingle_sets_fetched"] = prior.fetched_sets
         counts["index"]["bytes_fetched"] = prior.fetched_bytes

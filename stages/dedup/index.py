@@ -10,7 +10,8 @@ snapshot's segment in the persistent index:
 - ``shingles.u64``: every document's sorted unique shingle hashes, one flat little-endian uint64 array, so
   one document's set is the byte range ``[8 * offsets[i], 8 * offsets[i + 1])``: memory-mapped locally,
   a ranged GET on S3 (``Storage.read_bytes(path, start, end)``);
-- ``docs.parquet``: ``id``, ``url``, ``date`` strings, read only for the rows a report needs.
+- ``docs.parquet``: ``id``, ``url``, ``date`` strings, read only for the rows a report needs (the per-task
+  scratch keeps them as ``docs.json`` columns, so that worker processes need not import pyarrow).
 
 The index (``DedupIndex``) is a folder in storage (local or s3://) with ``index.json`` (MinHash parameters and
 the ordered list of snapshot segments) and ``segments/<snapshot>-<token>/`` document tables holding the

@@ -89,7 +89,10 @@ _BUILT = np.zeros(0x110000 >> 12, dtype=bool)
 def _word_table(cp: np.ndarray) -> np.ndarray:
     """The ``\w`` table, with every 4,096-code-point block that ``cp`` touches built (with ``re`` itself, so
     they agree); an ASCII-only process builds one block."""
-    blocks = [0] if cp.dtype == np.uint8 else np.flatnonzero(np.bincount(cp >> 12, minlength=1)).tolist()
+    if cp.dtype == np.uint8 or (_BUILT[0] and cp.max() < 4096):
+        blocks = [0]
+    else:
+        blocks = np.flatnonzero(np.bincount(cp >> 12, minlength=1)).tolist()
     for b in blocks:
         if not _BUILT[b]:
             lo = b << 12
@@ -121,13 +124,13 @@ def word_hashes(text: str) -> np.ndarray:
         cp = np.frombuffer(t.encode("ascii"), dtype=np.uint8)
     else:
         cp = np.frombuffer(t.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    is_word = (_word_table(cp)[:256] if cp.dtype == np.uint8 else _word_table(cp))[cp]
-    edges = np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    if starts.size == 0:
-        return np.empty(0, dtype=np.uint64)
-    ends = np.flatnonzero(edges == -1)  # exclusive
     n = cp.size
+    padded = np.zeros(n + 2, dtype=bool)  # word mask with a non-word on either side
+    padded[1:-1] = (_word_table(cp)[:256] if cp.dtype == np.uint8 else _word_table(cp))[cp]
+    edges = np.flatnonzero(padded[1:] != padded[:-1])  # alternately a word's start and its (exclusive) end
+    if edges.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    starts, ends = edges[0::2], edges[1::2]
     if n <= _POW_CACHE:
         pw, pinv = (a[:n] for a in _powers())
     else:

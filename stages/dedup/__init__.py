@@ -11,6 +11,9 @@ Three datatrove pipelines (the same blocks run on other executors; see ``blocks.
    persistent index of earlier snapshots (``index.py``), whose shingle sets are fetched by ranged reads;
 3. filter (per task): drops the removed documents and writes ``data/`` as before.
 
+Inputs below ``inprocess_below_mb`` run the signature and filter pipelines in this process (one task after
+the other) instead of starting a datatrove worker pool for each.
+
 Outputs: ``data/*.jsonl.gz`` and ``duplicates.jsonl.gz`` (one row per removed document: id, url, reason
 exact|url|near, matched_id, matched_url, matched_snapshot, jaccard, cluster). With ``index`` set, the kept
 documents become this snapshot's segment of the index, committed (one atomic write of ``index.json``) after

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, SHARED, real_docs
 
-from stages.dedup.minhash import MinHasher, candidate_pairs, jaccard, lsh_probability, words
+from stages.dedup.minhash import MinHasher, candidate_pairs, cross_pairs, jaccard, lsh_probability, words
 
 MH = MinHasher()  # FineWeb's 14 x 8 over word 5-grams
 
@@ -160,9 +160,23 @@ def test_candidate_pairs_match_brute_force():
     assert candidate_pairs(big).tolist() == [list(p) for p in itertools.combinations(range(5), 2)]
 
 
+def test_cross_pairs_match_brute_force():
+    """New documents against an index: every (new, indexed) pair sharing a key in some band, once."""
+    rng = np.random.default_rng(4)
+    for na, nb, values in ((30, 50, 20), (1, 200, 50), (80, 1, 5), (40, 40, 10**9)):
+        a = rng.integers(0, values, (na, 14)).astype(np.uint64)
+        b = rng.integers(0, values, (nb, 14)).astype(np.uint64)
+        got = cross_pairs(a, b)
+        want = {(i, j) for i in range(na) for j in range(nb) if (a[i] == b[j]).any()}
+        assert {tuple(p) for p in got.tolist()} == want and len(got) == len(want)
+    assert cross_pairs(np.empty((0, 14), np.uint64), b).shape == (0, 2)
+
+
 def test_short_and_empty_texts():
     assert MH.shingles("").size == 0
     assert MH.shingles("  ... !? ").size == 0  # no word characters
+    empty = MH.shingles("")
+    assert jaccard(empty, empty) == 0.0  # wordless documents are never verified near duplicates of each other
     assert words("Hello, WORLD! ﬁne") == ["hello", "world", "fine"]  # NFKC + lowercase
     one = MH.shingles("just three words")
     assert one.size == 1 and one.dtype == np.uint64

@@ -2,7 +2,8 @@
 the exact ground truth of the sample crawl, plus planted near-duplicates that check the LSH curve.
 
 Input: the pages of ../shared/data/crawl extracted by Kiln's ingest stage with trafilatura (cached in
-bench/_work/dedup/store; run_stage re-extracts only when the ingest config changes).
+bench/_work/dedup/store: run_stage re-extracts only when the ingest config changes; delete the folder after a
+change of ingest code).
 
 Ground truth: exact Jaccard over word 5-grams of every pair sharing a shingle (bench/dedup_eval.py; words as
 ``dedup_eval.truth_words``). Scores against the pairs with J ≥ t, t = 0.8 and 0.7 (definitions in
@@ -23,8 +24,8 @@ Methods, all with 14 bands x 8 rows over word 5-grams:
   profile (2 workers, but inputs under ``dedup.inprocess_below_mb`` — the crawl is — run in-process on one
   core; exact + URL + near dedup; no persistent index: ``dedup.index: null``), threshold 0.8 (timed,
   compared with datatrove's time in the same run) and 0.7; also timed with the 2-worker pool forced
-  (``docs_per_s_pool``). Removed = input ids missing from the
-  output; pair precision uses the ``matched_id`` of duplicates.jsonl.gz (the kept document of the cluster).
+  (``docs_per_s_pool``). Removed = input ids missing from the output; pair precision uses the
+  ``matched_id`` of duplicates.jsonl.gz (the kept document of the cluster).
 
 The issue's reference figures (22 / 40 pairs at J ≥ 0.8 / 0.7; datatrove removes 71, precision 0.28) were
 made on a different extraction: whitespace-split words on datatrove's default Trafilatura settings
@@ -33,9 +34,9 @@ while writing this benchmark; /work/notes/dedup_words.md). Kiln's ingest with tr
 (engine words), which is the ground truth here.
 
 Planted near-duplicates: disjoint windows of real text (crawl pages, extraction-benchmark bodies, WikiText-2,
-PTB, Tiny Shakespeare; each window shares ≤ 5% of its shingles with any earlier one) paired with a copy
-edited at a random target similarity in [0.3, 0.97] (word lists joined by spaces). Per pair, the actual Jaccard s of the engine's shingle
-sets; a pair is detected when the two documents share a band key. Per bin of s: pairs, expected rate (mean of
+PTB, Tiny Shakespeare; each window shares ≤ 5% of its shingles with all earlier ones together) paired with
+a copy edited at a random target similarity in [0.3, 0.97] (word lists joined by spaces). Per pair, the actual
+Jaccard s of the engine's shingle sets; a pair is detected when the two documents share a band key. Per bin of s: pairs, expected rate (mean of
 1 − (1 − s^8)^14 over its pairs), measured rate, z = (hits − Σp)/sqrt(Σp(1−p)) and the exact
 Poisson-binomial two-sided p-value. The curve passes when every bin has p ≥ 0.0027 (the two-sided 3σ level;
 the z-score's normal approximation is poor in bins where almost every pair or almost none is expected to

@@ -124,6 +124,26 @@ def test_lsh_false_positives_are_rejected_by_verification(tmp_path, django):
     assert strict["removed"]["near"] == 0 and strict["near"]["rejected_candidates"] == base["near"]["candidate_pairs"]
 
 
+def test_chain_cluster_reports_verified_pairs_only(tmp_path):
+    """A~B and B~C at J >= 0.8 but A~C below: one cluster, A kept (first); C is reported against B (its
+    verified partner), not against A, and every reported pair is a verified one; kept_id names A."""
+    words = max((d["text"].split() for d in real_docs(200)), key=len)
+    assert len(words) >= 1200
+    docs = [dated({"id": name, "text": " ".join(words[k:k + 1000]),
+                   "metadata": {"url": f"https://chain.example/{name}", "domain": "chain.example"}},
+                  f"2026-11-0{k // 60 + 1}T00:00:00Z") for name, k in (("A", 0), ("B", 60), ("C", 120))]
+    sets = {d["id"]: MinHasher().shingles(d["text"]) for d in docs}
+    assert jaccard(sets["A"], sets["B"]) >= 0.8 and jaccard(sets["B"], sets["C"]) >= 0.8 > jaccard(sets["A"], sets["C"])
+    counts, kept, dups = run_dedup(tmp_path, docs, {"dedup.keep": "first"})
+    assert [d["id"] for d in kept] == ["A"] and counts["near"]["clusters"] == 1
+    assert counts["near"]["verified_pairs"] == 2
+    by_id = {r["id"]: r for r in dups}
+    assert (by_id["B"]["matched_id"], by_id["C"]["matched_id"]) == ("A", "B")
+    assert by_id["B"]["kept_id"] == by_id["C"]["kept_id"] == "A"
+    for r in dups:
+        assert r["jaccard"] == round(jaccard(sets[r["id"]], sets[r["matched_id"]]), 4) >= 0.8
+
+
 def test_keep_rules_first_and_quality(tmp_path, django):
     trio = [django[v] for v in ("1.6.5", "1.4.13", "1.5.8")]  # one cluster at J >= 0.7; 1.6.5 is the longest
     first = [dated(trio[0], "2026-11-03"), dated(trio[1], "2026-11-01"), dated(trio[2], "2026-11-02")]

@@ -15,7 +15,8 @@ Inputs below ``inprocess_below_mb`` run the signature and filter pipelines in th
 the other) instead of starting a datatrove worker pool for each.
 
 Outputs: ``data/*.jsonl.gz`` and ``duplicates.jsonl.gz`` (one row per removed document: id, url, reason
-exact|url|near, matched_id, matched_url, matched_snapshot, jaccard, cluster). With ``index`` set, the kept
+exact|url|near, matched_id, matched_url, matched_snapshot, jaccard, cluster, kept_id; for near duplicates
+matched is a verified partner (J >= threshold) one step closer to the cluster's kept document kept_id). With ``index`` set, the kept
 documents become this snapshot's segment of the index, committed (one atomic write of ``index.json``) after
 ``data/`` is written; re-running a snapshot replaces its segment.
 """

@@ -209,9 +209,10 @@ def cluster_block_cls():
             n = len(tables)
             removed = np.flatnonzero(d.reason != KEEP)
             # strings only for reported rows: removed documents and what they matched
-            cur_rows = np.union1d(removed, d.matched[(d.matched >= 0) & (d.matched < n)])
+            refs = np.concatenate([d.matched, d.kept])
+            cur_rows = np.union1d(removed, refs[(refs >= 0) & (refs < n)])
             info = self._describe(tables, cur_rows)
-            old = prior.describe(d.matched[d.matched >= n] - n) if (d.matched >= n).any() else {}
+            old = prior.describe(np.unique(refs[refs >= n]) - n) if (refs >= n).any() else {}
             rows = []
             for i in removed.tolist():
                 m = int(d.matched[i])
@@ -220,7 +221,9 @@ def cluster_block_cls():
                              "matched_id": mi["id"], "matched_url": mi["url"],
                              "matched_snapshot": self.snapshot if m < n else mi["snapshot"],
                              "jaccard": None if np.isnan(d.jaccard[i]) else round(float(d.jaccard[i]), 4),
-                             "cluster": None if d.cluster[i] < 0 else int(d.cluster[i])})
+                             "cluster": None if d.cluster[i] < 0 else int(d.cluster[i]),
+                             "kept_id": None if d.kept[i] < 0 else
+                             (info[int(d.kept[i])] if d.kept[i] < n else old[int(d.kept[i]) - n])["id"]})
             payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
             Storage(self.out_uri).write_bytes(DUPLICATES, gzip.compress(payload, mtime=0))
             for r in range(self.tasks):  # per filter task: positions to drop, ids as a check, reasons

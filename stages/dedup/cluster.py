@@ -15,8 +15,9 @@ Rules, in order (each one only sees the documents the previous ones kept):
    every document of this snapshot is removed (earlier snapshots were published already); otherwise one
    document is kept by ``keep``: ``longest`` (most characters), ``first`` (earliest crawl date, then input
    order) or ``quality`` (highest ``metadata["quality_score"]``; documents without one rank below, then
-   longest); ties by input order. Every removed document records the kept document of its cluster it is
-   most similar to, and their true Jaccard (in a chain cluster A~B~C it can be below the threshold).
+   longest); ties by input order. Every removed document records a verified partner (``matched``, with
+   their true Jaccard >= threshold): its most similar neighbour one step closer to the kept document, so in
+   a chain A~B~C with A kept, C points to B and B to A; ``kept`` is the cluster's kept document.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Decisions:
     matched: np.ndarray  # int64: the kept document matched (< n: this run; n + k: prior document k), -1
     jaccard: np.ndarray  # float64: true Jaccard with `matched` (near duplicates), NaN otherwise
     cluster: np.ndarray  # int64: near-duplicate cluster number, -1
+    kept: np.ndarray  # int64: near duplicates: the kept document of the cluster (same coding as matched), -1
     counts: dict = field(default_factory=dict)
 
 
@@ -169,6 +171,7 @@ def decide(tables: ScratchTables, prior: PriorDocs, *, exact: bool, url: bool, n
     matched = np.full(n, -1, dtype=np.int64)
     jac = np.full(n, np.nan)
     cluster = np.full(n, -1, dtype=np.int64)
+    kept_of = np.full(n, -1, dtype=np.int64)
     rank = _first_order(a["date"])
     counts: dict = {"index": {"prior_documents": len(prior)}}
     if exact:
@@ -196,11 +199,14 @@ def decide(tables: ScratchTables, prior: PriorDocs, *, exact: bool, url: bool, n
             return tables.shingles(i) if i < n else prior_sets[i - n]
 
         uf, edge_j = _UnionFind(), {}
+        adj: dict[int, list[int]] = {}
         for i, j in pairs.tolist():
             s = jaccard(sh(i), sh(j))
             if s >= threshold:
                 uf.union(i, j)
                 edge_j[(i, j)] = s
+                adj.setdefault(i, []).append(j)
+                adj.setdefault(j, []).append(i)
         near_counts.update(candidate_pairs=int(len(pairs)), verified_pairs=len(edge_j),
                            rejected_candidates=int(len(pairs)) - len(edge_j))
         counts["index"]["candidate_pairs"] = int(len(across))
@@ -212,17 +218,28 @@ def decide(tables: ScratchTables, prior: PriorDocs, *, exact: bool, url: bool, n
             cur, old = g[g < n], g[g >= n]
             cluster[cur] = cid
             kept = old if old.size else np.array([_keep_order(cur, keep, a["length"], a["quality"], rank)])
-            missing = [k for k in (old - n).tolist() if k not in prior_sets]
-            if missing:
-                prior_sets.update(prior.shingles(missing))
-            for i in cur.tolist():
-                if i in kept:
-                    continue
-                sims = [edge_j.get((min(i, k), max(i, k))) for k in kept.tolist()]
-                sims = [s if s is not None else jaccard(sh(i), sh(k)) for s, k in zip(sims, kept.tolist())]
-                best = int(np.argmax(sims))
-                reason[i], matched[i], jac[i] = NEAR, kept[best], sims[best]
-                near_from_index += bool(old.size)
+            # breadth-first from the kept document(s) over verified edges: every removed document points
+            # to a neighbour one step closer to the kept one (the most similar such neighbour), so each
+            # reported pair is a verified pair (J >= threshold) and following matched_id reaches the kept
+            # document; kept_of[i] is that document.
+            frontier = sorted(kept.tolist())
+            depth = {k: 0 for k in frontier}
+            root = {k: k for k in frontier}
+            while frontier:
+                nxt = []
+                for u in frontier:
+                    for v in adj.get(u, ()):
+                        if v not in depth:
+                            depth[v] = depth[u] + 1
+                            nxt.append(v)
+                for v in sorted(set(nxt)):
+                    best = max((edge_j[(min(u, v), max(u, v))], -u) for u in adj[v] if depth.get(u) == depth[v] - 1)
+                    u = -best[1]
+                    root[v] = root[u]
+                    if v < n:
+                        reason[v], matched[v], jac[v], kept_of[v] = NEAR, u, best[0], root[u]
+                        near_from_index += bool(old.size)
+                frontier = sorted(set(nxt))
         near_counts["clusters"] = len(groups)
         counts["index"]["near"] = near_from_index
         counts["index"]["shingle_sets_fetched"] = prior.fetched_sets
@@ -230,4 +247,4 @@ def decide(tables: ScratchTables, prior: PriorDocs, *, exact: bool, url: bool, n
         counts["index"]["ranged_reads"] = prior.reads
     counts["near"] = near_counts
     counts["removed"] = {name: int((reason == code).sum()) for code, name in REASONS.items()}
-    return Decisions(reason, matched, jac, cluster, counts)
+    return Decisions(reason, matched, jac, cluster, kept_of, counts)

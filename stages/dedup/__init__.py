@@ -51,9 +51,9 @@ class Config(Strict):
     index: str | None = "index/dedup"
     snapshot: str | None = None  # this run's name in the index (default: the run id)
     # inputs smaller than this (MB of normalize's compressed data/) run the signature and filter pipelines in
-    # this process, one task after the other: a datatrove worker pool (forkserver) costs ~2 s to start here,
-    # more than 2 workers save below ~8 MB (sample crawl, 6.3 MB: 7.2 s in-process vs 12 s with 2 workers)
-    inprocess_below_mb: float = Field(8.0, ge=0)
+    # this process, one task after the other: a datatrove worker pool (forkserver) costs ~1 s to start here;
+    # on the 6 MB sample crawl 2 workers win a little (3.0 s vs 3.25 s in-process, quiet machine, 2 cores)
+    inprocess_below_mb: float = Field(2.0, ge=0)
 
 
 def _storage_root(ctx: StageContext) -> str:

@@ -370,6 +370,11 @@ def run() -> dict:
             figures["dedup.kiln.docs_per_s"] = fig(round(n / secs, 1), "docs/s", f"{label}, tiny profile")
             figures["dedup.kiln.speedup_vs_datatrove"] = fig(round(dt_s / secs, 2), "x",
                                                              "Kiln dedup stage vs datatrove MinHash, same run")
+            mem = json.loads((E.WORK / "store" / f"kiln-{t}" / "dedup" / "manifest.json").read_text())
+            mem = mem["metrics"]["cluster_memory"]
+            figures["dedup.kiln.cluster_bytes_per_doc"] = fig(
+                mem["table_bytes_per_doc"], "B/doc",
+                "Kiln cluster step: in-memory table per document (hashes, date, length, band keys)")
         for why, c in sorted(reasons.items()):
             figures[f"dedup.kiln.removed_{why}_{t}"] = fig(c, "docs", f"{label}: removed as {why}")
         print(f"kiln stage threshold {t}: {secs:.1f} s, removed {len(rem)} {reasons}", flush=True)

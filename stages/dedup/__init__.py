@@ -117,7 +117,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             index.load(), snapshot)), replaced_segment=bool(replaced))
     documents_in = int(block_stats(sig, "🔏 dedup signature").get("documents", 0))
     metrics = {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "in_process": workers == 1,
-               "blocks": {"signature": sig, "cluster": cl, "filter": filt}}
+               "cluster_memory": counts.get("memory"), "blocks": {"signature": sig, "cluster": cl, "filter": filt}}
     return data_result(ctx, filt, documents_in, removed, extra_outputs=(DUPLICATES,), metrics=metrics,
                        near=counts["near"], index=index_counts if index is not None else None,
                        snapshot=snapshot)

@@ -235,6 +235,11 @@ def cluster_block_cls():
             if index is not None:
                 kept = self._write_segment(index, tables, d.reason == KEEP)
                 d.counts["index"]["added_documents"] = kept
+            # what the cluster step holds in memory per document (hashes, date, length, quality, band keys);
+            # shingle sets stay on disk (memory-mapped) and are read for candidate pairs only
+            d.counts["memory"] = {"table_bytes": int(sum(v.nbytes for v in tables.arrays.values())),
+                                  "table_bytes_per_doc": round(sum(v.nbytes for v in tables.arrays.values())
+                                                               / max(n, 1), 1)}
             self._stats(d.counts)
             with open(os.path.join(self.scratch, "counts.json"), "w") as f:
                 json.dump(d.counts, f)

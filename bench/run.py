@@ -35,7 +35,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "kiln": code_version(),
             "versions": {p: version(p) for p in ("torch", "datatrove", "sentencepiece", "prefect", "pyarrow",
-                                                  "trafilatura", "datasketch")},
+                                                  "trafilatura", "resiliparse", "warcio", "datasketch")},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

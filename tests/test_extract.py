@@ -112,6 +112,25 @@ def test_cap_is_counted_fallback_or_skip(pages):
     assert stats["extracted"] == 3 and "extract_fallback" not in stats
 
 
+def test_empty_main_text_goes_to_the_other_extractor():
+    """resiliparse's main-content heuristics return nothing for these real pages (their containers are named
+    "whatsnext" / "comment"); on_empty: other gives them to trafilatura, counted; on_empty: skip drops them."""
+    whatsnext = "https://docs.djangoproject.com/en/3.2/intro/whatsnext.html"
+    comment = "https://www.postgresql.org/docs/15/sql-comment.html"
+    got = warc_pages(CRAWL / "docs.djangoproject.com-0000.warc.gz", {whatsnext})
+    got |= warc_pages(CRAWL / "www.postgresql.org-0000.warc.gz", {comment})
+    from stages.ingest.extract import _resiliparse
+
+    cfg = load_tiny(None).ingest.extract  # resiliparse, on_empty: other
+    assert len(got) == 2 and all(_resiliparse(h, cfg.resiliparse).strip() == "" for h in got.values())
+    out, stats = run_block(cfg, docs_of(got))
+    assert stats["extract_empty_fallback"] == 2 and "extract_empty" not in stats
+    assert "decided you’d like to keep using Django" in out[whatsnext]
+    assert out[comment].startswith("COMMENT — define or change the comment of an object")
+    out, stats = run_block(cfg.model_copy(update={"on_empty": "skip"}), docs_of(got))
+    assert out == {} and removed_counts(stats)["extract_empty"] == 2
+
+
 def test_bad_empty_and_binary_input_counted_never_raised():
     rng = random.Random(7)
     png = (SHARED / "extraction-benchmark" / "html").glob("*.html.gz")

@@ -58,4 +58,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                        metrics={"blocks": blocks, "tasks": tasks, "inputs": [f for f, _ in files]},
                        html_pages=n(rd, "pages"), text_documents=n(rd, "text_docs"), files_in=len(files),
                        files_skipped={r: n(rd, f"{r}_files") for r in FILE_SKIP_REASONS},
-                       files_by_kind=dict(sorted(Counter(file_kind(f) for f, _ in files).items())))
+                       files_by_kind=dict(sorted(Counter(file_kind(f) for f, _ in files).items())),
+                       # pages extracted by the chosen extractor, by resiliparse over trafilatura's cap, and by
+                       # the other extractor after an empty result (on_empty: other)
+                       extraction={k: n(ex, k) for k in ("extracted", "extract_fallback", "extract_empty_fallback")})

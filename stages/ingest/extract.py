@@ -27,12 +27,15 @@ Default extractor: resiliparse. On the 181 pages of the article-extraction bench
 (precision 0.879, recall 0.981) against trafilatura's 0.949 with our options, at ~11x the pages/s there and
 ~19x on the sample crawl: the best F1 per second by far. Known misses of its main-content heuristics on the
 sample crawl: index pages (Sphinx genindex, tables of contents: title only), and pages whose container id says
-"related" or "whatsnext" (3 Django pages) or "comment" (PostgreSQL's COMMENT command page) come out empty:
-trafilatura keeps them. ``resiliparse.comments: true`` recovers the last one but costs 1 F1 point on the
-news benchmark (reader comments), so it stays off.
+"related" or "whatsnext" (3 Django pages) or "comment" (PostgreSQL's COMMENT command page) come out empty
+(14 pages of the sample crawl in all, among them 4 with 6-52 kB of real text): with ``on_empty: other``
+(default) such a page goes to the other extractor (trafilatura, within the cap), which keeps them, and is
+counted as ``extract_empty_fallback``; ``resiliparse.comments: true`` recovers only the last one and costs
+1 F1 point on the news benchmark (reader comments), so it stays off.
 
 Stats of the block: ``html`` (pages extracted), ``passthrough`` (text documents), ``extracted`` (by the chosen
-extractor), ``extract_fallback`` (over the cap, by resiliparse), and the removed reasons: ``extract_binary``
+extractor), ``extract_fallback`` (over the cap, by resiliparse), ``extract_empty_fallback`` (empty with
+the chosen extractor, text from the other one), and the removed reasons: ``extract_binary``
 (over 1% control characters: binary bytes that a charset decoder accepted, which resiliparse would return as
 "text"), ``extract_error`` (not a str, or the extractor raised), ``extract_empty`` (no main text),
 ``extract_too_complex`` (over the cap with ``over_cap: skip``). Nothing raises out of the block.
@@ -79,6 +82,9 @@ class ExtractConfig(Strict):
     max_html_bytes: int = Field(1_000_000, ge=1)  # UTF-8 bytes of the page
     max_tags: int = Field(40_000, ge=1)  # number of "<" in the page
     over_cap: Literal["resiliparse", "skip"] = "resiliparse"  # extract with resiliparse, or drop (counted)
+    # when the chosen extractor finds no main text: "other" tries the other one (trafilatura within the cap),
+    # counted as extract_empty_fallback; "skip" drops the page as extract_empty
+    on_empty: Literal["other", "skip"] = "other"
     trafilatura: TrafilaturaOptions = TrafilaturaOptions()
     resiliparse: ResiliparseOptions = ResiliparseOptions()
 
@@ -121,22 +127,29 @@ def looks_binary(html: str) -> bool:
 
 
 def extract_text(html: str, cfg: ExtractConfig) -> tuple[str, str]:
-    """(outcome, text) for one page, outcome in "extracted", "extract_fallback", "extract_too_complex",
-    "extract_binary", "extract_error", "extract_empty". Deterministic; never raises."""
+    """(outcome, text) for one page, outcome in "extracted", "extract_fallback", "extract_empty_fallback",
+    "extract_too_complex", "extract_binary", "extract_error", "extract_empty". Deterministic; never raises."""
     outcome, fn, opts = "extracted", _resiliparse, cfg.resiliparse
     try:
         if not isinstance(html, str):
             raise TypeError(f"HTML must be str, got {type(html).__name__}")
         if looks_binary(html):
             return "extract_binary", ""
+        capped = over_cap(html, cfg)
         if cfg.extractor == "trafilatura":
-            if not over_cap(html, cfg):
+            if not capped:
                 fn, opts = _trafilatura, cfg.trafilatura
             elif cfg.over_cap == "skip":
                 return "extract_too_complex", ""
             else:
                 outcome = "extract_fallback"
         text = fn(html, opts).strip()
+        if not text and cfg.on_empty == "other":
+            if fn is _trafilatura:
+                text = _resiliparse(html, cfg.resiliparse).strip()
+            elif not capped and outcome == "extracted":
+                text = _trafilatura(html, cfg.trafilatura).strip()
+            outcome = "extract_empty_fallback"
     except Exception:  # malformed / binary input: counted by the caller
         return "extract_error", ""
     return (outcome, text) if text else ("extract_empty", "")

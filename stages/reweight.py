@@ -1,34 +1,67 @@
-"""Reweight: measure the domain mixture and resample it to configured per-domain weights.
+"""Reweight: measure the domain mixture in tokens and resample it to a target mixture, exactly and reproducibly.
 
-Two datatrove pipelines over the filter output. The first counts documents and UTF-8 bytes per domain
-(the ``key`` metadata field). The target share of domain i is ``w_i·|D_i| / Σ_j w_j·|D_j|``; the second
-pass realises it by sampling: every document of domain i gets the multiplier
-``m_i = w_i·N / Σ_j w_j·|D_j|`` (N = all documents, so the output stays ~N documents) and is written
-``floor(m_i)`` times plus once more with probability ``frac(m_i)``, decided by a stable hash of
-(seed, document id) — the same input and seed always give the same sample. Repeated copies get ids
-``<id>#r1``, ``<id>#r2``... Writes ``mixture.json`` (before / target / realised shares) and ``data/``.
+Domains come from ``key``: a metadata field (``domain``: the host name from ingest), or a derived key:
+``registered_domain`` (eTLD+1 of ``metadata.url`` with tldextract's bundled public-suffix list, offline:
+docs.python.org -> python.org), ``source`` (input file), ``language`` (normalize's lid.176 label) or
+``quality_bucket`` (``metadata.quality_score`` cut at ``quality_edges``: ``q0.4-0.6``). Documents without
+the key form the bucket ``(none)``.
+
+Sizes are estimated tokens, ``n_i = bytes_i / bytes_per_token`` (the tokenizer is trained after this stage;
+its stats report the real bytes per token per domain). The target share of domain i is
+
+    p_i ∝ w_i · n_i^(1/T)
+
+``weights`` w_i (``default_weight`` for unlisted domains) with temperature T = 1 is the configured mixture
+``P(i) = w_i·|D_i| / Σ_j w_j·|D_j|``; all weights 1 with T > 1 is temperature sampling (T → ∞: uniform).
+The output holds ``total_tokens`` (default: as many as the input) split by p; no domain is repeated more
+than ``max_epochs`` times: a capped domain gets exactly ``max_epochs`` epochs and its excess goes to the
+others in proportion to their p (water-filling; if every domain is capped the output is smaller, reported).
+
+Realisation: domain i's target T_i is ``floor(T_i / n_i)`` full copies of every document plus a *prefix* of
+its documents in a fixed pseudo-random order (a stable hash of seed and document id), the prefix whose size
+is closest to the remainder. So the realised tokens of every domain are within half a document of its target
+(not a Bernoulli sample's ±√n), the same input and seed always give the same documents, and another seed
+another prefix. Two datatrove passes: the first measures every document's domain, size and hash (numbers
+only, written per task to scratch), the second writes each document its number of times; copies after the
+first get ids ``<id>#r1``, ``<id>#r2``… Writes ``mixture.json`` (per domain: documents, bytes, tokens, share
+before / target / after, epochs, capped) — the train stage logs it as part of the lineage — and ``data/``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from stages.core.config import Strict
 from stages.core.runner import StageContext, StageError, StageResult
 
 UNKNOWN = "(none)"  # bucket for documents without the domain key
+DERIVED_KEYS = ("registered_domain", "source", "language", "quality_bucket")
 _COPY = re.compile(r"#r\d+$")
 
 
 class Config(Strict):
-    key: str = "domain"  # metadata field that defines a domain
-    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)  # domain -> document weight
+    # metadata field that defines a domain, or a derived key: registered_domain | source | language | quality_bucket
+    key: str = "domain"
+    quality_edges: list[float] = [0.2, 0.4, 0.6, 0.8]  # quality_bucket: cut points of metadata.quality_score
+    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)  # domain -> weight
     default_weight: float = Field(1.0, ge=0)  # weight of domains not listed in `weights`
+    temperature: float = Field(1.0, gt=0)  # p_i ∝ w_i·n_i^(1/T): 1 = configured weights, >1 flattens
+    max_epochs: float | None = Field(4.0, gt=0)  # no domain repeated more often than this (null: no cap)
+    total_tokens: int | None = Field(None, ge=1)  # output size in estimated tokens (null: the input's)
+    bytes_per_token: float = Field(4.0, gt=0)  # token estimate before the tokenizer exists
+
+    @field_validator("quality_edges")
+    @classmethod
+    def _sorted(cls, v: list[float]) -> list[float]:
+        if v != sorted(set(v)):
+            raise ValueError("must be strictly increasing")
+        return v
 
 
 def stable_unit(*parts) -> float:
@@ -42,62 +75,130 @@ def base_id(doc_id: str) -> str:
     return _COPY.sub("", doc_id)
 
 
-def copies_for(multiplier: float, seed: int, doc_id: str) -> int:
-    """floor(m) copies, plus one more with probability frac(m), decided by a stable hash."""
-    whole = math.floor(multiplier)
-    return whole + (stable_unit("reweight", seed, doc_id) < multiplier - whole)
+def domain_of(metadata: dict, cfg: Config, _tld=[]) -> str:  # noqa: B006 (the extractor, built once)
+    """The document's domain under ``cfg.key`` (``UNKNOWN`` when it has none)."""
+    if cfg.key == "registered_domain":
+        if not _tld:
+            import tldextract
 
-
-def _domain(doc, key: str) -> str:
-    value = doc.metadata.get(key)
+            _tld.append(tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None))  # bundled list, offline
+        value = _tld[0](metadata.get("url") or "").top_domain_under_public_suffix
+    elif cfg.key == "quality_bucket":
+        q = metadata.get("quality_score")
+        if q is None:
+            return UNKNOWN
+        edges = [-math.inf, *cfg.quality_edges, math.inf]
+        k = next(i for i in range(len(edges) - 1) if q < edges[i + 1])
+        lo, hi = edges[k], edges[k + 1]
+        value = f"q{'' if lo == -math.inf else lo}-{'' if hi == math.inf else hi}"
+    else:
+        value = metadata.get(cfg.key)
     return str(value) if value not in (None, "") else UNKNOWN
+
+
+def targets(sizes: dict[str, float], weight: dict[str, float], temperature: float, max_epochs: float | None,
+            total: float) -> tuple[dict[str, float], dict[str, float], set[str]]:
+    """(target share p_i, target size T_i, capped domains): p_i ∝ w_i·n_i^(1/T), T_i = p_i·total, with
+    T_i ≤ max_epochs·n_i and the excess of capped domains spread over the others by p (water-filling)."""
+    raw = {d: weight[d] * sizes[d] ** (1 / temperature) if sizes[d] > 0 else 0.0 for d in sizes}
+    mass = sum(raw.values())
+    if mass <= 0:
+        raise StageError(f"reweight: every domain present ({', '.join(sorted(sizes))}) has weight 0")
+    p = {d: r / mass for d, r in raw.items()}
+    goal, free, left, capped = {}, {d for d in p if p[d] > 0}, total, set()
+    while free:
+        mass_free = sum(p[d] for d in free)
+        over = {d for d in free if max_epochs is not None and left * p[d] / mass_free > max_epochs * sizes[d]}
+        if not over:
+            goal.update({d: left * p[d] / mass_free for d in free})
+            break
+        for d in over:
+            goal[d] = max_epochs * sizes[d]
+            left -= goal[d]
+        free -= over
+        capped |= over
+    return p, {d: goal.get(d, 0.0) for d in sizes}, capped
+
+
+def plan_domain(units, sizes, goal: float) -> tuple[int, float]:
+    """(full copies, hash cutoff) realising ``goal`` bytes from documents of ``sizes`` (numpy arrays): every
+    document ``copies`` times, plus once more if its hash unit ≤ cutoff, the cutoff chosen so the extra
+    documents (taken in hash order) come closest to the remainder."""
+    import numpy as np
+
+    total = float(sizes.sum())
+    if total <= 0 or goal <= 0:
+        return 0, -1.0
+    copies = int(goal // total)
+    rest = goal - copies * total
+    order = np.argsort(units, kind="stable")
+    cum = np.concatenate([[0.0], np.cumsum(sizes[order], dtype=np.float64)])
+    k = int(np.argmin(np.abs(cum - rest)))
+    return copies, float(units[order[k - 1]]) if k else -1.0
 
 
 def _blocks():
     """datatrove blocks defined lazily: importing this module must stay cheap."""
     from datatrove.pipeline.base import PipelineStep
 
-    class DomainStats(PipelineStep):
-        """Counts documents and bytes per domain (stats ``docs:<domain>``, ``bytes:<domain>``); no change."""
+    class DomainMeasure(PipelineStep):
+        """Per document: domain, UTF-8 bytes and hash unit, written per task to ``scratch/<rank>.npz``;
+        stats ``docs:<domain>``, ``bytes:<domain>``."""
 
-        name = "domain stats"
+        name = "domain measure"
         type = "📊 - STATS"
 
-        def __init__(self, key: str):
+        def __init__(self, cfg: Config, seed: int, scratch: str):
             super().__init__()
-            self.key = key
+            self.cfg, self.seed, self.scratch = cfg, seed, scratch
 
         def run(self, data, rank: int = 0, world_size: int = 1):
+            import numpy as np
+
+            doms, units, sizes = [], [], []
             for doc in data:
-                dom = _domain(doc, self.key)
+                dom = domain_of(doc.metadata, self.cfg)
+                size = len(doc.text.encode("utf-8"))
+                doms.append(dom)
+                units.append(stable_unit("reweight", self.seed, doc.id))
+                sizes.append(size)
                 self.stat_update(f"docs:{dom}")
-                self.stat_update(f"bytes:{dom}", value=len(doc.text.encode("utf-8")))
-                yield doc
+                self.stat_update(f"bytes:{dom}", value=size)
+            os.makedirs(self.scratch, exist_ok=True)
+            np.savez(os.path.join(self.scratch, f"{rank:05d}.npz"), domain=np.array(doms, dtype=str),
+                     unit=np.array(units, dtype=np.float64), size=np.array(sizes, dtype=np.int64))
+            yield from ()  # the last block of its pipeline: nothing goes on
 
     class DomainSampler(PipelineStep):
-        """Emits each document ``copies_for(m_domain)`` times; copies after the first get ``#rN`` ids."""
+        """Emits each document ``copies + (unit ≤ cutoff)`` times (plan per domain); copies after the first
+        get ``#rN`` ids; stats ``docs:<domain>`` / ``bytes:<domain>`` of the output."""
 
         name = "domain sampler"
         type = "🔻 - FILTER"
 
-        def __init__(self, key: str, multipliers: dict[str, float], default: float, seed: int):
+        def __init__(self, cfg: Config, plan: dict[str, tuple[int, float]], seed: int):
             super().__init__()
-            self.key, self.multipliers, self.default, self.seed = key, multipliers, default, seed
+            self.cfg, self.plan, self.seed = cfg, plan, seed
 
         def run(self, data, rank: int = 0, world_size: int = 1):
             from dataclasses import replace
 
             for doc in data:
-                n = copies_for(self.multipliers.get(_domain(doc, self.key), self.default), self.seed, doc.id)
+                dom = domain_of(doc.metadata, self.cfg)
+                copies, cutoff = self.plan.get(dom, (0, -1.0))
+                n = copies + (stable_unit("reweight", self.seed, doc.id) <= cutoff)
                 if n == 0:
                     self.stat_update("downsampled")
                     continue
                 self.stat_update("upsampled", value=n - 1)
+                size = len(doc.text.encode("utf-8"))
+                self.stat_update(f"docs:{dom}", value=n)
+                self.stat_update(f"bytes:{dom}", value=n * size)
                 yield doc
                 for k in range(1, n):
                     yield replace(doc, id=f"{doc.id}#r{k}", metadata=dict(doc.metadata))
 
-    return DomainStats, DomainSampler
+    return DomainMeasure, DomainSampler
 
 
 def _per_domain(block: dict) -> dict[str, dict[str, int]]:
@@ -110,56 +211,69 @@ def _per_domain(block: dict) -> dict[str, dict[str, int]]:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
+    import numpy as np
+
     from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
 
-    DomainStats, DomainSampler = _blocks()
-    src = ctx.input("filter").datafolder("data")
+    DomainMeasure, DomainSampler = _blocks()
     if not ctx.input_files("filter", prefix="data/"):
         raise StageError(f"reweight: the filter manifest in {ctx.input('filter').url()} lists no data/ files")
+    seed = ctx.cfg.run.seed
 
-    # pass 1: the mixture as it is
-    stats1 = run_pipeline(ctx, [upstream_reader(ctx, "filter", add_file_path=False), DomainStats(cfg.key)], name="measure")
-    before = _per_domain(block_stats(stats1, "domain stats"))
-    n_docs = sum(d["docs"] for d in before.values())
-    if n_docs == 0:
-        raise StageError(f"reweight: no documents in {src.path}")
-    weight = {dom: cfg.weights.get(dom, cfg.default_weight) for dom in before}
-    mass = sum(weight[dom] * d["docs"] for dom, d in before.items())
-    if mass <= 0:
-        raise StageError(f"reweight: every domain present ({', '.join(sorted(before))}) has weight 0")
-    mult = {dom: weight[dom] * n_docs / mass for dom in before}
+    # pass 1: the mixture as it is (numbers per document to scratch)
+    scratch = os.path.join(ctx.workdir, "measure")
+    stats1 = run_pipeline(ctx, [upstream_reader(ctx, "filter", add_file_path=False),
+                                DomainMeasure(cfg, seed, scratch)], name="measure")
+    parts = [np.load(os.path.join(scratch, f)) for f in sorted(os.listdir(scratch))]
+    doms = np.concatenate([p["domain"] for p in parts])
+    units = np.concatenate([p["unit"] for p in parts])
+    sizes = np.concatenate([p["size"] for p in parts])
+    if doms.size == 0:
+        raise StageError(f"reweight: no documents in {ctx.input('filter').url('data')}")
+    names = sorted(set(doms.tolist()))
+    by = {d: np.flatnonzero(doms == d) for d in names}
+    nbytes = {d: float(sizes[i].sum()) for d, i in by.items()}
+    weight = {d: cfg.weights.get(d, cfg.default_weight) for d in names}
+    total = cfg.total_tokens * cfg.bytes_per_token if cfg.total_tokens else sum(nbytes.values())
+    p, goal, capped = targets(nbytes, weight, cfg.temperature, cfg.max_epochs, total)
+    plan = {d: plan_domain(units[by[d]], sizes[by[d]].astype(np.float64), goal[d]) for d in names}
 
-    # pass 2: sample to the target mixture
-    sampler = DomainSampler(cfg.key, mult, cfg.default_weight * n_docs / mass, ctx.cfg.run.seed)
-    steps = [upstream_reader(ctx, "filter", add_file_path=False), sampler, DomainStats(cfg.key), *output_steps(ctx)]
+    # pass 2: write every document its number of times
+    steps = [upstream_reader(ctx, "filter", add_file_path=False), DomainSampler(cfg, plan, seed), *output_steps(ctx)]
     stats2 = run_pipeline(ctx, steps, name="sample")
-    after = _per_domain(block_stats(stats2, "domain stats"))
-    n_out = sum(d["docs"] for d in after.values())
+    after = _per_domain(block_stats(stats2, "domain sampler"))
+    out_bytes = sum(a["bytes"] for a in after.values())
+    in_bytes = sum(nbytes.values())
 
+    bpt = cfg.bytes_per_token
     domains = {}
-    for dom in sorted(before, key=lambda d: (-before[d]["docs"], d)):
-        b, a = before[dom], after.get(dom, {"docs": 0, "bytes": 0})
-        domains[dom] = {
-            "weight": weight[dom], "multiplier": round(mult[dom], 6),
-            "docs": b["docs"], "bytes": b["bytes"], "est_tokens_bytes_div_4": b["bytes"] // 4,
-            "share_before": round(b["docs"] / n_docs, 6),
-            "share_target": round(weight[dom] * b["docs"] / mass, 6),
-            "docs_after": a["docs"], "bytes_after": a["bytes"],
-            "share_after": round(a["docs"] / n_out, 6),
+    for d in sorted(names, key=lambda d: (-nbytes[d], d)):
+        a = after.get(d, {"docs": 0, "bytes": 0})
+        domains[d] = {
+            "weight": weight[d], "docs": int(by[d].size), "bytes": int(nbytes[d]), "est_tokens": round(nbytes[d] / bpt),
+            "share_before": round(nbytes[d] / in_bytes, 6), "share_target": round(goal[d] / sum(goal.values()), 6),
+            "share_unconstrained": round(p[d], 6), "capped": d in capped,
+            "epochs_target": round(goal[d] / nbytes[d], 4) if nbytes[d] else 0.0,
+            "docs_after": a["docs"], "bytes_after": a["bytes"], "est_tokens_after": round(a["bytes"] / bpt),
+            "share_after": round(a["bytes"] / out_bytes, 6) if out_bytes else 0.0,
+            "epochs": round(a["bytes"] / nbytes[d], 4) if nbytes[d] else 0.0,
         }
-    unused = sorted(set(cfg.weights) - set(before))
-    mixture = {"key": cfg.key, "seed": ctx.cfg.run.seed, "default_weight": cfg.default_weight,
-               "documents_in": n_docs, "documents_out": n_out,
-               "note": "shares are shares of documents; est_tokens is bytes/4, an estimate",
-               "weights_for_absent_domains": unused, "domains": domains}
+    max_err = max(abs(v["share_after"] - v["share_target"]) for v in domains.values())
+    mixture = {"key": cfg.key, "seed": seed, "temperature": cfg.temperature, "max_epochs": cfg.max_epochs,
+               "default_weight": cfg.default_weight, "bytes_per_token": bpt,
+               "documents_in": int(doms.size), "documents_out": sum(a["docs"] for a in after.values()),
+               "est_tokens_in": round(in_bytes / bpt), "est_tokens_target": round(sum(goal.values()) / bpt),
+               "est_tokens_out": round(out_bytes / bpt), "max_share_error": round(max_err, 6),
+               "note": "shares are shares of estimated tokens (UTF-8 bytes / bytes_per_token); epochs = times a "
+                       "domain's tokens are seen",
+               "weights_for_absent_domains": sorted(set(cfg.weights) - set(names)), "domains": domains}
     ctx.out.write_json("mixture.json", mixture)
 
     sampler = block_stats(stats2, "domain sampler")
-    metrics = {"domains": len(domains),
-               "max_share_error": max(abs(d["share_after"] - d["share_target"]) for d in domains.values()),
-               "mixture": {d: {k: v[k] for k in ("share_before", "share_target", "share_after")}
+    metrics = {"domains": len(domains), "max_share_error": mixture["max_share_error"],
+               "mixture": {d: {k: v[k] for k in ("share_before", "share_target", "share_after", "epochs")}
                            for d, v in domains.items()},
                "blocks": {"measure": stats1, "sample": stats2}}
-    return data_result(ctx, stats2, n_docs, {"downsampled": int(sampler.get("downsampled", 0))},
+    return data_result(ctx, stats2, int(doms.size), {"downsampled": int(sampler.get("downsampled", 0))},
                        extra_outputs=("mixture.json",), metrics=metrics,
                        added={"upsampled": int(sampler.get("upsampled", 0))})

@@ -6,7 +6,17 @@ stable hash of (seed, id) and taken until ``sample_bytes``. Text is fed to sente
 documents (cut at line boundaries into pieces sentencepiece accepts) with identity normalisation and no
 whitespace rewriting, so newlines and indentation are learnt and ``decode(encode(text)) == text``;
 byte fallback covers every other character. Same input, seed and config give identical model bytes.
-Writes ``tokenizer.model``, ``tokenizer.vocab`` and ``stats.json``.
+
+Also exported as ``tokenizer.json`` for Hugging Face ``tokenizers`` (``Tokenizer.from_file``) and
+``transformers`` (``PreTrainedTokenizerFast(tokenizer_file=...)``): the same ids, a BPE model whose merges are
+read off the vocabulary (a piece ``ab`` made of pieces ``a`` + ``b``, ranked by the id of ``ab``, which is
+sentencepiece's merge order), byte fallback, " " -> "▁", user-defined pieces as added tokens (matched in text, as sentencepiece does). The
+stage checks the export: ``hf_agreement`` is the share of held-out documents whose HF ids equal
+sentencepiece's (1.0 on the sample crawl).
+
+Stats (``stats.json``, on the held-out documents): bytes per token overall and per domain, the share of bytes
+covered by vocabulary pieces rather than byte fallback, the share of byte-fallback tokens, round trip.
+Writes ``tokenizer.model``, ``tokenizer.vocab``, ``tokenizer.json`` and ``stats.json``.
 """
 
 from __future__ import annotations
@@ -76,6 +86,35 @@ def _plan(docs_meta: list[tuple[str, str, int]], seed: int, cfg: Config) -> tupl
     return heldout, train
 
 
+def export_hf(sp, user_defined: list[str] = ()):
+    """A Hugging Face ``tokenizers.Tokenizer`` giving the ids of sentencepiece processor ``sp`` (a BPE model
+    trained by this stage: identity normalisation, no dummy prefix, byte fallback). See the module docstring."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers  # noqa: I001
+
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    merges = []
+    for i, piece in enumerate(pieces):
+        if i in special or sp.is_byte(i) or sp.is_unused(i) or piece in user_defined:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((i, vocab[left], vocab[right], left, right))
+    merges.sort()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=pieces[sp.unk_id()],
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # control pieces (<s>, </s>, <pad>, <unk>) stay plain vocabulary entries: as added tokens they would match
+    # the literal text "<unk>" (WikiText is full of it), which sentencepiece encodes as ordinary characters
+    if user_defined:
+        tok.add_tokens([AddedToken(s, normalized=False) for s in user_defined])
+    return tok
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     import sentencepiece as spm
     from stages.core.pipeline import upstream_reader
@@ -91,7 +130,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         raise StageError(f"tokenizer: no documents in {src.path}")
     heldout, train = _plan(meta, ctx.cfg.run.seed, cfg)
     sample = {"docs": 0, "bytes": 0}
-    held_texts, held_ids, held_bytes = [], [], 0
+    held_texts, held_ids, held_domains, held_bytes = [], [], [], 0
 
     def training_text():
         nonlocal held_bytes
@@ -103,6 +142,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             elif base_id(d.id) in heldout and d.id == base_id(d.id) and held_bytes < cfg.heldout_max_bytes:
                 held_texts.append(d.text)
                 held_ids.append(d.id)
+                held_domains.append(str(d.metadata.get("domain") or "(none)"))
                 held_bytes += len(d.text.encode("utf-8"))
 
     prefix = os.path.join(ctx.workdir, "tokenizer")
@@ -130,12 +170,27 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         f.writelines(f"{sp.id_to_piece(i).translate(_ESCAPE)}\t{sp.get_score(i):g}\n"
                      for i in range(sp.get_piece_size()))
 
+    hf = export_hf(sp, cfg.user_defined_symbols)
+    hf.save(prefix + ".json")
     ev = {"heldout_docs": len(held_texts), "heldout_bytes": held_bytes}
     if held_texts:
         ids = sp.encode(held_texts, num_threads=cfg.num_threads)
         n_tok = sum(map(len, ids))
+        n_byte = sum(sp.is_byte(i) for seq in ids for i in seq)
+        per_domain: dict[str, list[int]] = {}
+        for dom, text, seq in zip(held_domains, held_texts, ids):
+            acc = per_domain.setdefault(dom, [0, 0, 0])
+            acc[0] += 1
+            acc[1] += len(text.encode("utf-8"))
+            acc[2] += len(seq)
         ev |= {"heldout_tokens": n_tok, "bytes_per_token": round(held_bytes / n_tok, 4),
-               "byte_fallback_share": round(sum(sp.is_byte(i) for seq in ids for i in seq) / n_tok, 5),
+               "byte_fallback_share": round(n_byte / n_tok, 5),
+               "vocab_byte_coverage": round(1 - n_byte / held_bytes, 5),  # bytes not left to byte fallback
+               "bytes_per_token_by_domain": {dom: {"docs": a[0], "bytes": a[1], "tokens": a[2],
+                                                   "bytes_per_token": round(a[1] / max(a[2], 1), 4)}
+                                             for dom, a in sorted(per_domain.items())},
+               "hf_agreement": sum(e.ids == s for e, s in zip(hf.encode_batch(held_texts, add_special_tokens=False),
+                                                               ids)) / len(held_texts),
                "roundtrip_ok": sum(sp.decode(s) == t for s, t in zip(ids, held_texts)) / len(held_texts)}
         if ev["roundtrip_ok"] < 1:
             raise StageError(f"tokenizer: decode(encode(text)) != text on {len(held_texts)} held-out documents "
@@ -148,11 +203,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
              "train_seconds": round(train_s, 3), **ev,
              "heldout_ids": held_ids, "trainer_options": {k: v for k, v in options.items() if k != "num_threads"}}
     ctx.out.write_json("stats.json", stats)
-    for ext in ("model", "vocab"):
+    for ext in ("model", "vocab", "json"):
         ctx.out.put_file(f"{prefix}.{ext}", f"tokenizer.{ext}")
     metrics = {k: stats[k] for k in ("vocab_size", "bos_id", "eos_id", "pad_id", "unk_id", "sample_docs",
                                      "sample_bytes", "train_seconds")} | ev
-    return StageResult(outputs=["tokenizer.model", "tokenizer.vocab", "stats.json"],
+    return StageResult(outputs=["tokenizer.model", "tokenizer.vocab", "tokenizer.json", "stats.json"],
                        counts={"documents_in": len(meta), "sample_docs": sample["docs"],
                                "sample_bytes": sample["bytes"], "heldout_docs": len(held_texts)},
                        metrics=metrics)

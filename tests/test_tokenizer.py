@@ -56,6 +56,34 @@ def test_deterministic_ids_and_lossless_round_trip(tmp_path):
     assert "\n\n" in [sp.id_to_piece(i) for i in range(sp.get_piece_size())]  # newlines are learnt
 
 
+def test_hugging_face_export_and_per_domain_stats(tmp_path):
+    """tokenizer.json loads with `tokenizers` alone and gives sentencepiece's ids on real text of three
+    domains, code, indentation, user-defined symbols and byte fallback; stats per domain add up."""
+    from tokenizers import Tokenizer
+
+    root, docs = str(tmp_path), mixed_docs()
+    cfg = load_tiny(tmp_path, {**FAST, "tokenizer.sample_bytes": 1_000_000, "tokenizer.heldout_fraction": 0.1,
+                               "tokenizer.user_defined_symbols": ["<|sep|>"]})
+    seed_split(root, "h", "reweight", docs)
+    m = run_stage("tokenizer", cfg, root, "h")
+    sp, _, stats = load_sp(root, "h")
+    st = Storage(root).sub("h", "tokenizer")
+    assert "tokenizer.json" in {o["path"] for o in m["outputs"]}
+    hf = Tokenizer.from_str(st.read_bytes("tokenizer.json").decode())
+    assert m["metrics"]["hf_agreement"] == 1.0
+    code = (SHARED / "extraction-benchmark" / "ground-truth.json").read_text()[:20000]
+    texts = [d["text"] for d in docs[::7]] + [code, "  indented\n\tline\n\n  naïve café — 東京 🚀\r\n", "a<|sep|>b 2024", "literal <unk> and </s> in text"]
+    for t in texts:
+        assert hf.encode(t, add_special_tokens=False).ids == sp.encode(t)
+        assert hf.decode(sp.encode(t)) == t
+    assert hf.token_to_id("</s>") == sp.eos_id() == 2 and hf.get_vocab_size() == sp.get_piece_size()
+    by_dom = stats["bytes_per_token_by_domain"]
+    assert set(by_dom) <= {"news", "shakespeare", "wikitext"} and len(by_dom) >= 2
+    assert sum(v["bytes"] for v in by_dom.values()) == stats["heldout_bytes"]
+    assert sum(v["tokens"] for v in by_dom.values()) == stats["heldout_tokens"]
+    assert 0.98 < stats["vocab_byte_coverage"] <= 1.0
+
+
 def test_plan_holds_out_whole_documents_with_their_copies():
     meta = [(f"d{i}", f"d{i}", 1000) for i in range(400)] + [(f"d{i}#r1", f"d{i}", 1000) for i in range(0, 400, 3)]
     cfg = Config(sample_bytes=200_000, heldout_fraction=0.05)

@@ -86,13 +86,22 @@ def _plan(docs_meta: list[tuple[str, str, int]], seed: int, cfg: Config) -> tupl
     return heldout, train
 
 
-def export_hf(sp, user_defined: list[str] = ()):
-    """A Hugging Face ``tokenizers.Tokenizer`` giving the ids of sentencepiece processor ``sp`` (a BPE model
-    trained by this stage: identity normalisation, no dummy prefix, byte fallback). See the module docstring."""
+def export_hf(sp, user_defined: list[str] = (), model_type: str = "bpe"):
+    """A Hugging Face ``tokenizers.Tokenizer`` giving the ids of sentencepiece processor ``sp`` (a model trained
+    by this stage: identity normalisation, no dummy prefix, byte fallback). See the module docstring. Unigram:
+    the pieces with their scores (same Viterbi segmentation)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers  # noqa: I001
 
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]
+    if model_type == "unigram":
+        tok = Tokenizer(models.Unigram([(p, sp.get_score(i)) for i, p in enumerate(pieces)], unk_id=sp.unk_id(),
+                                       byte_fallback=True))
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        if user_defined:
+            tok.add_tokens([AddedToken(s, normalized=False) for s in user_defined])
+        return tok
     vocab = {p: i for i, p in enumerate(pieces)}
     special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
     merges = []
@@ -170,7 +179,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         f.writelines(f"{sp.id_to_piece(i).translate(_ESCAPE)}\t{sp.get_score(i):g}\n"
                      for i in range(sp.get_piece_size()))
 
-    hf = export_hf(sp, cfg.user_defined_symbols)
+    hf = export_hf(sp, cfg.user_defined_symbols, cfg.model_type)
     hf.save(prefix + ".json")
     ev = {"heldout_docs": len(held_texts), "heldout_bytes": held_bytes}
     if held_texts:

@@ -100,6 +100,7 @@ def test_unigram_and_clear_error_on_too_small_corpus(tmp_path):
                                                     "tokenizer.vocab_size": 1000}), root, "u")
     sp, _, stats = load_sp(root, "u")
     assert stats["model_type"] == "unigram" and sp.get_piece_size() == 1000 and m["metrics"]["roundtrip_ok"] == 1
+    assert m["metrics"]["hf_agreement"] == 1.0  # the Hugging Face export of a unigram model gives the same ids
 
     seed_split(root, "s", "reweight", mixed_docs(2, 1, 0))
     with pytest.raises(StageError, match=r"^tokenizer: sentencepiece training failed on 2 documents .*: Vocabulary"):

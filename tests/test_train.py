@@ -95,18 +95,21 @@ def test_corrupt_and_missing_shards_fail_clearly(upstream, tmp_path):
     store = Storage(storage)
     cfg = load_tiny(None, {**SMALL, "train.steps": 2})
     src = store.sub("run1", "shard")
-    for run_id, damage in (("trunc", "truncate"), ("gone", "delete")):
+    for run_id, damage in (("trunc", "truncate"), ("gone", "delete"), ("flip", "flip")):
         _clone(storage, "run1", run_id, ("tokenizer", "shard"))
         dst = store.sub(run_id, "shard")
+        raw = src.read_bytes("tokens/train/00000.bin")
         if damage == "truncate":
-            dst.write_bytes("tokens/train/00000.bin", src.read_bytes("tokens/train/00000.bin")[:-100])
+            dst.write_bytes("tokens/train/00000.bin", raw[:-100])
+        elif damage == "flip":  # same size, one token changed: only the checksum can tell
+            dst.write_bytes("tokens/train/00000.bin", raw[:200] + bytes([raw[200] ^ 1]) + raw[201:])
         else:
             dst.rm("tokens/train/00000.bin")
         with pytest.raises(StageError) as e:
             run_stage("train", cfg, storage, run_id)
         msg = str(e.value)
         assert "\n" not in msg and "tokens/train/00000.bin" in msg
-        assert ("truncated" in msg) if damage == "truncate" else ("missing" in msg)
+        assert {"truncate": "truncated", "delete": "missing", "flip": "sha256 differs"}[damage] in msg
 
 
 def test_worker_failure_is_one_clear_line(upstream):

@@ -62,6 +62,7 @@ class Config(Strict):
     checkpoint_every: int = Field(100, ge=0)  # steps; 0 = only at the end
     log_every: int = Field(5, ge=1)  # steps per metrics.jsonl row (loss averaged over them)
     timeout_s: int = Field(0, ge=0)  # 0 = no limit
+    verify_shards: bool = True  # sha256 of every training shard against the shard manifest before starting
 
 
 def _check_inputs(cfg: Config, ctx: StageContext) -> tuple[dict, list[str]]:
@@ -80,7 +81,8 @@ def _check_inputs(cfg: Config, ctx: StageContext) -> tuple[dict, list[str]]:
         raise StageError(f"train.global_batch {cfg.global_batch} is not a multiple of "
                          f"train.micro_batch {cfg.micro_batch} x train.nproc {cfg.nproc}")
     try:
-        opened = open_shards(ctx.input("shard"), shards, tok["vocab_size"])
+        sums = {o["path"]: o["sha256"] for o in ctx.inputs["shard"].get("outputs", [])}
+        opened = open_shards(ctx.input("shard"), shards, tok["vocab_size"], sums if cfg.verify_shards else None)
         n_windows = sum(sh.n_tokens // (cfg.model.seq_len + 1) for sh in opened)
     except ShardError as e:
         raise StageError(f"train: {e}") from None
@@ -92,7 +94,7 @@ def _check_inputs(cfg: Config, ctx: StageContext) -> tuple[dict, list[str]]:
 
 def _spec(cfg: Config, ctx: StageContext, tok: dict, shards: list[str]) -> dict:
     threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // cfg.nproc)
-    train = cfg.model_dump(mode="json", exclude={"model", "nproc", "timeout_s"})
+    train = cfg.model_dump(mode="json", exclude={"model", "nproc", "timeout_s", "verify_shards"})
     return {
         "model": {**cfg.model.model_dump(), "vocab_size": tok["vocab_size"]},
         "train": {**train, "threads": threads},

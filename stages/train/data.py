@@ -19,8 +19,10 @@ class ShardError(ValueError):
     """A token shard is missing, unreadable or inconsistent; the message names the file."""
 
 
-def open_shards(storage, rels: list[str], vocab_size: int | None = None) -> list[TokenShard]:
-    """Open and check shards: header, file size against the header, vocabulary, and the .idx beside it."""
+def open_shards(storage, rels: list[str], vocab_size: int | None = None,
+                sha256: dict[str, str] | None = None) -> list[TokenShard]:
+    """Open and check shards: header, file size against the header, vocabulary, the .idx beside it, and
+    (``sha256``: {rel: hex digest} from the shard manifest) the checksum of the shard and its index."""
     if not rels:
         raise ShardError(f"no token shards found in {storage.url()}")
     shards = []
@@ -39,6 +41,10 @@ def open_shards(storage, rels: list[str], vocab_size: int | None = None) -> list
             raise ShardError(f"{url}: vocabulary {sh.header['vocab_size']} != tokenizer's {vocab_size}")
         if not storage.exists(rel[:-4] + ".idx"):
             raise ShardError(f"{storage.url(rel[:-4] + '.idx')}: document index missing")
+        for r in (rel, rel[:-4] + ".idx") if sha256 else ():
+            if r in sha256 and storage.sha256(r) != sha256[r]:
+                raise ShardError(f"{storage.url(r)}: sha256 differs from the shard manifest's (corrupt or "
+                                 "changed since the shard stage wrote it)")
         shards.append(sh)
     return shards
 

@@ -17,7 +17,7 @@ from conftest import CRAWL, SHARED, TINY, load_tiny, real_docs, seed_stage
 from stages.core.config import load_config
 from stages.core.runner import StageContext, StageError, read_manifest, run_stage
 from stages.core.storage import Storage
-from stages.filter.quality import (INJECT_NAN_ENV, NEG, POS, QualityConfig, ReferenceCorpus, preprocess,
+from stages.filter.quality import (INJECT_NAN_ENV, NEG, QualityConfig, ReferenceCorpus, datatrove_prefilter, preprocess,
                                    quality_block, read_reference, score_texts, train_quality)
 from test_normalize import stage_docs
 
@@ -209,3 +209,23 @@ def test_on_s3(s3_bucket, crawl, tmp_path):
     res = train_quality(QualityConfig(enabled=True, heldout_fraction=0.1), ctx)
     assert Storage(s3_bucket + "/artifacts").sub("run1", "filter").exists("quality/model.bin")
     assert res["report"]["keep"]["scored"] == 40 and res["report"]["negatives"]["sampled"] == 40
+
+
+def test_prefilter_limits_negatives_and_cutoff(crawl, tmp_path):
+    """With a prefilter (here datatrove's real GopherQualityFilter), rejected documents are neither negatives nor
+    part of the cutoff and the per-domain report."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import GopherQualityFilter
+
+    gopher = GopherQualityFilter()
+    verdicts = {d["id"]: gopher.filter(Document(text=d["text"], id=d["id"])) for d in crawl}  # bool or (False, why)
+    rejected = {i for i, v in verdicts.items() if v is not True}
+    assert 10 < len(rejected) < len(crawl) - 20  # the crawl's code-heavy pages fail it, prose passes
+    ctx = make_ctx(str(tmp_path / "st"), tmp_path / "work", crawl)
+    res = train_quality(QualityConfig(enabled=True, heldout_fraction=0.0), ctx, prefilter=datatrove_prefilter([gopher]))
+    rep = res["report"]
+    assert rep["negatives"]["prefiltered_out"] == len(rejected) and rep["negatives"]["pool"] == len(crawl) - len(rejected)
+    assert rep["keep"]["scored"] == sum(d["documents"] for d in rep["domains"].values()) == len(crawl) - len(rejected)
+    negatives = {line[len(NEG) + 1:-1] for line in open(tmp_path / "work" / "quality-train.txt") if line.startswith(NEG)}
+    assert len(negatives) == len(crawl) - len(rejected)
+    assert not negatives & {preprocess(d["text"]) for d in crawl if d["id"] in rejected}

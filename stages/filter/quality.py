@@ -57,7 +57,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import Field, model_validator
 
@@ -258,9 +258,32 @@ def _line(label: str, text: str) -> str:
     return f"{label} {text}\n"
 
 
-def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup") -> dict:
+def datatrove_prefilter(filters: list) -> Callable[[dict], bool]:
+    """A ``prefilter`` for ``train_quality`` from datatrove filter blocks (anything with ``.filter(Document)``
+    returning a bool or (bool, reason)): True when every filter keeps the document (run on a copy)."""
+    from datatrove.data import Document
+
+    def keep(doc: dict) -> bool:
+        for f in filters:
+            d = Document(text=doc.get("text") or "", id=str(doc.get("id")), metadata=dict(doc.get("metadata") or {}))
+            res = f.filter(d)
+            if not (res if isinstance(res, bool) else res[0]):
+                return False
+        return True
+
+    return keep
+
+
+def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup",
+                  prefilter: Callable[[dict], bool] | None = None) -> dict:
     """Train the classifier on the reference corpus vs a sample of ``upstream``'s documents, score every upstream
     document once (cutoff and report), write ``quality/model.bin`` and ``quality/report.json`` to ``ctx.out``.
+
+    ``prefilter`` (optional, called with each upstream document as a dict): the documents it rejects are neither
+    negatives nor part of the cutoff and the report. Pass the stage's heuristic filters (``datatrove_prefilter``)
+    when the quality block runs after them: negatives then come from the pool the classifier will actually see
+    (DCLM's negatives are RefinedWeb, itself heuristically filtered) and top_percent means a share of that pool.
+    Without it, short stubs and index pages that the heuristics drop anyway take part (and score high here).
 
     Returns {"model_path": local model file in ctx.workdir, "cutoff": float, "report": dict,
     "counts": headline numbers for the manifest, "outputs": [the two files]}."""
@@ -277,15 +300,19 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
     heap: list[tuple[bytes, str, str]] = []  # max-heap by negated key bytes
     n_neg = max(1, round(len(pos) * cfg.negatives_per_positive))
     n_neg = min(n_neg, cfg.max_negatives or n_neg)
+    rejected: set[str] = set()
     for rel, i, doc in iter_upstream(ctx, upstream):
         text = doc.get("text") or ""
         if not text.strip():
+            continue
+        did = str(doc.get("id") or f"{rel}#{i}")
+        if prefilter is not None and not prefilter(doc):
+            rejected.add(did)
             continue
         pool += 1
         if (doc.get("metadata") or {}).get("url") in pos_url or _same_text(text) in pos_text:
             excluded += 1
             continue
-        did = str(doc.get("id") or f"{rel}#{i}")
         neg_key = bytes(255 - b for b in _key(cfg.seed, "negative", did))
         item = (neg_key, did, text)
         if len(heap) < n_neg:
@@ -330,7 +357,10 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
         batch.clear()
 
     for rel, i, doc in iter_upstream(ctx, upstream):
-        batch.append((_domain(doc), str(doc.get("id") or f"{rel}#{i}"), preprocess(doc.get("text") or "", mw)))
+        did = str(doc.get("id") or f"{rel}#{i}")
+        if did in rejected:
+            continue
+        batch.append((_domain(doc), did, preprocess(doc.get("text") or "", mw)))
         n_scored += 1
         if len(batch) >= 512:
             flush()
@@ -357,7 +387,7 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
     report = {
         "positives": {"files": cfg.positives.paths, "format": cfg.positives.format, "documents": len(pos),
                       "train": len(pos_train), "heldout": len(pos_held)},
-        "negatives": {"upstream": upstream, "pool": pool, "excluded_as_positive": excluded, "sampled": len(negs),
+        "negatives": {"upstream": upstream, "prefiltered_out": len(rejected), "pool": pool, "excluded_as_positive": excluded, "sampled": len(negs),
                       "train": len(neg_train), "heldout": len(neg_held)},
         "heldout": {"at_0.5": _prf(held_scores, held_labels, 0.5), "at_cutoff": _prf(held_scores, held_labels, cutoff)},
         "training": {**training, "params": params, "model_bytes": len(model_bytes),

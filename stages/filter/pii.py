@@ -20,7 +20,7 @@ Placeholders (``PLACEHOLDERS``) and what is detected:
   loopback, link-local, shared (100.64/10), reserved and documentation ranges (192.0.2/24, 2001:db8::/32)
   are not personal data. Not IPs: dotted quads of single digits (``1.2.3.4``, versions ``1.5.0.9``,
   section numbers ``4.1.2.1``), quads after a word like "Section", "version", "Ch." or glued to a word,
-  ``-``, ``=`` or ``/`` (``novas-3.1.1.3``, ``Firefox/2.0.0.11``, ``#section-7.1.1.1``; ``http://`` is
+  ``-``, ``==`` or ``/`` (``novas-3.1.1.3``, ``novas==3.1.1.3``, ``Firefox/2.0.0.11``, ``#section-7.1.1.1``; ``http://`` is
   fine), and networks (``192.0.2.0/24``, ``2001:4f8:3:ba::/64``: followed by a prefix length).
 - ``<CREDIT_CARD>``: 13-19 digits, contiguous or in groups of 4 (4-6-5/4-6-4 for Amex/Diners) with one
   separator kind (space or dash), Luhn-valid, with an issuer prefix and length that exist (Visa 4, Mastercard
@@ -167,7 +167,7 @@ def _ipv4(text: str, public_only: bool):
             continue
         e = last = m.end()
         before, after = text[s - 1:s], text[e:e + 2]
-        if (before.isalnum() or before in "._=-" or (before == "/" and text[s - 2:s - 1] != "/")
+        if (before.isalnum() or before in "._-" or text[s - 2:s] == "==" or (before == "/" and text[s - 2:s - 1] != "/")
                 or after[:1].isalnum() or after[:1] == "_" or (after[:1] == "." and after[1:2].isalnum())
                 or (after[:1] == "/" and after[1:2].isdigit())):
             continue  # part of a longer token: novas-3.1.1.3, Firefox/2.0.0.11, 1.0.0.127.in-addr, a /24 network

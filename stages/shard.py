@@ -9,7 +9,9 @@ and split it writes
   * ``parquet/{split}/{rank:05d}.parquet`` (text, id, url, domain, date, n_tokens; explicit schema,
     zstd, one row group per ``parquet_rows_per_group`` documents).
 A split with no documents in a task writes no files. ``index.json`` lists every token shard with its
-header, for the trainer.
+header, for the trainer; ``mixture.json`` the realised mixture in real tokens per domain (under reweight's
+key) beside reweight's target shares, with reweight's mixture and its sha256: the lineage the train stage logs (byte-identical across
+runs of the same input).
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ def _block():
         name = "token shards"
         type = "🔢 - TOKENIZER"
 
-        def __init__(self, tokenizer_uri: str, out_uri: str, cfg: Config):
+        def __init__(self, tokenizer_uri: str, out_uri: str, cfg: Config, domains=None):
             super().__init__()
             self.tokenizer_uri, self.out_uri, self.cfg = tokenizer_uri, out_uri, cfg
+            self.domains = domains  # the reweight Config: tokens are counted per domain under its key
 
         def run(self, data, rank: int = 0, world_size: int = 1):
             import itertools
@@ -77,6 +80,7 @@ def _block():
 
             from stages.core.storage import Storage
             from stages.core.tokens import TokenShardWriter
+            from stages.reweight import domain_of
 
             tmp = tempfile.mkdtemp(prefix=f"kiln-shard-{rank:05d}-")
             try:
@@ -98,6 +102,8 @@ def _block():
                         doc.metadata["split"], doc.metadata["n_tokens"] = split, len(seq)
                         self.stat_update(f"docs_{split}")
                         self.stat_update(f"tokens_{split}", value=len(seq) + 1)  # + EOS
+                        if self.domains is not None:
+                            self.stat_update(f"tokens:{domain_of(doc.metadata, self.domains)}", value=len(seq) + 1)
                         yield doc
                 out = Storage(self.out_uri)
                 for split, w in writers.items():
@@ -120,7 +126,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         raise StageError(f"shard: the tokenizer manifest in {ctx.input('tokenizer').url()} lists no tokenizer.model")
     steps = [
         upstream_reader(ctx, "reweight", add_file_path=False),
-        _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg),
+        _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg, ctx.cfg.reweight),
         Tally(),
         ParquetWriter(ctx.out.datafolder("parquet"), output_filename="${split}/${rank}.parquet",
                       compression="zstd", adapter=_parquet_row, batch_size=cfg.parquet_rows_per_group,
@@ -162,5 +168,21 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     metrics = {"bytes_per_token": round(out["bytes"] / max(1, counts["tokens_out"] - out["documents"]), 4),
                "val_share_docs": round(n["docs_val"] / out["documents"], 4), "token_dtype": first["dtype"],
                "vocab_size": first["vocab_size"], "eos_id": first["eos_id"], "blocks": stats}
-    outputs = ["index.json", *ctx.out.list("tokens"), *ctx.out.list("parquet", suffix=".parquet")]
+    # the realised mixture in real tokens (all splits, EOS included) beside reweight's target: train logs it
+    target = ctx.input("reweight").read_json("mixture.json") if "mixture.json" in ctx.input_files("reweight") else None
+    by_dom = {k.split(":", 1)[1]: int(v) for k, v in tok.items() if k.startswith("tokens:")}
+    total = sum(by_dom.values())
+    mixture = {"key": ctx.cfg.reweight.key, "tokens": total,
+               "domains": {d: {"tokens": t, "share": round(t / total, 6),
+                               "share_target": (target or {}).get("domains", {}).get(d, {}).get("share_target"),
+                               "epochs": (target or {}).get("domains", {}).get(d, {}).get("epochs")}
+                           for d, t in sorted(by_dom.items(), key=lambda kv: -kv[1])},
+               "reweight_mixture_sha256": next((o["sha256"] for o in ctx.inputs["reweight"].get("outputs", [])
+                                                if o["path"] == "mixture.json"), None), "reweight": target}
+    errs = [abs(v["share"] - v["share_target"]) for v in mixture["domains"].values() if v["share_target"] is not None]
+    mixture["max_share_error_tokens"] = round(max(errs), 6) if errs else None
+    ctx.out.write_json("mixture.json", mixture)
+    metrics["mixture"] = {d: v["share"] for d, v in mixture["domains"].items()}
+    metrics["max_share_error_tokens"] = mixture["max_share_error_tokens"]
+    outputs = ["index.json", "mixture.json", *ctx.out.list("tokens"), *ctx.out.list("parquet", suffix=".parquet")]
     return StageResult(outputs=outputs, counts=counts, metrics=metrics)

@@ -142,3 +142,30 @@ def test_shard_on_s3_with_parallel_workers(s3_bucket, tmp_path):
     assert window[-1] == 2 and sp.decode(window[:-1].tolist()) == row["text"]
     val = pq.read_schema(io.BytesIO(st.read_bytes("parquet/validation/00000.parquet")))
     assert val.equals(parquet_schema()) and pa.types.is_int32(val.field("n_tokens").type)
+
+
+def test_mixture_in_real_tokens_and_byte_identical_rebuild(tmp_path):
+    """filter -> reweight -> tokenizer -> shard on real text of three domains: shard's mixture.json holds the
+    real tokens per domain beside reweight's targets (the lineage train logs), and a second run on the same
+    input writes byte-identical shards (sha256 in the manifests)."""
+    from test_reweight import seed_split as seed_filter
+
+    root = str(tmp_path)
+    cfg = load_tiny(tmp_path, {**FAST, "reweight.weights": {"wikitext": 2.0, "news": 0.5}})
+    manifests = []
+    for run in ("a", "b"):
+        seed_filter(root, run, "filter", mixed_docs())
+        for stage in ("reweight", "tokenizer", "shard"):
+            m = run_stage(stage, cfg, root, run)
+        manifests.append(m)
+    sums = [{o["path"]: o["sha256"] for o in m["outputs"]} for m in manifests]
+    assert sums[0] == sums[1] and any(p.startswith("tokens/train/") for p in sums[0])
+    mix = Storage(root).sub("a", "shard").read_json("mixture.json")
+    assert set(mix["domains"]) == {"news", "shakespeare", "wikitext"} and mix["key"] == "domain"
+    assert sum(v["tokens"] for v in mix["domains"].values()) == mix["tokens"] == manifests[0]["counts"]["tokens_out"]
+    target = Storage(root).sub("a", "reweight").read_json("mixture.json")
+    for d, v in mix["domains"].items():
+        assert v["share_target"] == target["domains"][d]["share_target"] and v["epochs"] == target["domains"][d]["epochs"]
+    # real tokens per domain follow the byte-estimated target within 1% (measured 0.75 points here; bytes per
+    # token differs a little by domain)
+    assert mix["max_share_error_tokens"] < 0.01

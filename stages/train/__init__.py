@@ -207,6 +207,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     tok, shards = _check_inputs(cfg, ctx)
     spec = _spec(cfg, ctx, tok, shards)
+    mixture = _mixture(ctx)
     try:
         rc, lines, err_tail = launch(spec, cfg.nproc, ctx.workdir, cfg.timeout_s)
     except subprocess.TimeoutExpired:
@@ -223,4 +224,20 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         summary = json.load(f)
     outputs = [p for p in ctx.out.list() if not p.endswith("manifest.json")]
     counts = {"tokens_trained": summary.pop("tokens_trained"), "steps": summary.pop("steps")}
-    return StageResult(outputs=outputs, counts=counts, metrics={**summary, "train_shards": len(shards)})
+    return StageResult(outputs=outputs, counts=counts,
+                       metrics={**summary, "train_shards": len(shards), "data_mixture": mixture})
+
+
+def _mixture(ctx: StageContext) -> dict | None:
+    """The data mixture behind this run (shard's mixture.json: real tokens per domain, reweight's targets and
+    the sha256 of its mixture.json), logged and kept in the manifest as part of the lineage."""
+    if "mixture.json" not in ctx.input_files("shard"):
+        return None
+    mix = ctx.input("shard").read_json("mixture.json")
+    out = {"key": mix["key"], "tokens": mix["tokens"], "reweight_mixture_sha256": mix["reweight_mixture_sha256"],
+           "shares": {d: v["share"] for d, v in mix["domains"].items()},
+           "epochs": {d: v["epochs"] for d, v in mix["domains"].items()}}
+    log.info("data mixture by %s (%s tokens): %s", mix["key"], f"{mix['tokens']:,}",
+             ", ".join(f"{d} {v['share']:.1%}" + (f" ({v['epochs']:.2f} epochs)" if v["epochs"] is not None else "")
+                       for d, v in mix["domains"].items()))
+    return out

@@ -409,7 +409,14 @@ def _phones(text: str):
                     yield s, e
     for m in _NATIONAL.finditer(text):  # a trunk-0 national number only right after a phone word
         s, e = m.span()
-        if 9 <= len(_digits(m.group(0))) <= 12 and _clear(text, s, e, "+=*/^-.") and _PHONE_WORD.search(
+        raw = m.group(0)
+        while len(_digits(raw)) > 12:  # numbers after it ("Tel: 020 7946 0958 679 0 0"): cut trailing groups
+            cut = max(raw.rfind(" "), raw.rfind("-"), raw.rfind("."), raw.rfind("/"))
+            if cut <= 2:
+                break
+            e -= len(raw) - cut
+            raw = raw[:cut]
+        if 9 <= len(_digits(raw)) <= 12 and _clear(text, s, e, "+=*/^-.") and _PHONE_WORD.search(
                 text, max(0, s - 30), s):
             yield s, e
 

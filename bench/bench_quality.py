@@ -5,7 +5,12 @@ Input: ../shared/data/crawl through Kiln's ingest, normalize and dedup stages wi
 bench/_work/quality/store by run_stage's fingerprint: re-run only when a config changes; delete the folder after a
 change of stage code). Positives: the 181 reference article bodies of ../shared/data/extraction-benchmark
 (``quality.positives`` defaults). Negatives: 181 dedup documents sampled by hash (negatives_per_positive 1).
-Defaults of ``QualityConfig`` (dim 32, bucket 100k, 20 epochs, lr 0.1, bigrams, 20% held out, top 10%).
+Defaults of ``QualityConfig`` (dim 32, bucket 100k, 20 epochs, lr 0.5, bigrams, 20% held out, top 10%).
+
+Two runs: ``train_quality`` over all dedup documents (the plain ``quality.*`` figures), and with the filter
+stage's heuristic chain as ``prefilter`` (datatrove's Gopher repetition / Gopher quality / C4 / FineWeb with the
+tiny profile's thresholds: 1,382 of 2,382 documents pass), whose negatives and top 10% come from the documents the
+quality block would actually see there (``quality.prefiltered.*``; its train time includes the heuristics, ~25 s).
 
 - ``train_seconds``: ``train_quality`` end to end (reading, sampling, the training subprocess(es), scoring every
   dedup document for the cutoff and report, writing the artifacts); ``fasttext_seconds``: the training
@@ -48,66 +53,105 @@ def dedup_docs(storage: Path = WORK / "store", run_id: str = "crawl"):
     return cfg, m
 
 
-def run() -> dict:
+def heuristics_prefilter(cfg):
+    """The filter stage's heuristic chain with the tiny profile's thresholds (datatrove's Gopher repetition, Gopher
+    quality, C4, FineWeb filters with Kiln's regex word tokenizer), as a ``train_quality`` prefilter."""
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter)
+
+    from stages.filter import fast_word_tokenizer
+    from stages.filter.quality import datatrove_prefilter
+
+    tok, f = fast_word_tokenizer(), cfg.filter
+    return datatrove_prefilter([
+        GopherRepetitionFilter(language=tok),
+        GopherQualityFilter(max_non_alpha_words_ratio=f.gopher_quality.max_non_alpha_words_ratio, language=tok),
+        C4QualityFilter(filter_curly_bracket=f.c4_quality.filter_curly_bracket, language=tok),
+        FineWebQualityFilter(char_duplicates_ratio=f.fineweb_quality.char_duplicates_ratio, language=tok)])
+
+
+def measure(cfg, root, prefilter=None) -> dict:
+    """train_quality + the block over the documents it scored; timings and the kept documents."""
     from datatrove.data import Document
 
     from stages.core.runner import StageContext, read_manifest
-    from stages.core.storage import Storage
     from stages.filter.quality import QualityConfig, iter_upstream, quality_block, train_quality
 
-    cfg, _ = dedup_docs()
-    root = Storage(str(WORK / "store")).sub("crawl")
     qc = QualityConfig(enabled=True)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-quality-") as tmp:
         ctx = StageContext("filter", "crawl", cfg, root, root.sub("filter-quality-bench"),
                            {"dedup": read_manifest(root, "dedup")}, tmp)
         t0 = time.perf_counter()
-        res = train_quality(qc, ctx)
+        res = train_quality(qc, ctx, prefilter=prefilter)
         train_s = time.perf_counter() - t0
-        rep = res["report"]
         docs = [Document(text=d.get("text") or "", id=str(d.get("id")), metadata=d.get("metadata") or {})
-                for _, _, d in iter_upstream(ctx, "dedup")]
+                for _, _, d in iter_upstream(ctx, "dedup") if prefilter is None or prefilter(d)]
         block = quality_block(qc, res["model_path"], res["cutoff"])
         list(block.run(iter(docs[:10])))  # loads the model
         t0 = time.perf_counter()
         kept = list(block.run(iter(docs)))
         score_s = time.perf_counter() - t0
-    h = rep["heldout"]["at_0.5"]
-    n = len(docs)
+    return {"res": res, "rep": res["report"], "train_s": train_s, "score_s": score_s, "docs": docs, "kept": kept}
+
+
+def show(label: str, m: dict) -> None:
+    rep, h, n, kept = m["rep"], m["rep"]["heldout"]["at_0.5"], len(m["docs"]), m["kept"]
+    print(f"\n== {label}: {n} documents scored; {rep['positives']['documents']} positives "
+          f"({rep['positives']['train']} train / {rep['positives']['heldout']} held out), {rep['negatives']['sampled']} "
+          f"negatives of a pool of {rep['negatives']['pool']} ({rep['negatives']['prefiltered_out']} prefiltered out, "
+          f"{rep['negatives']['excluded_as_positive']} excluded as positives)")
+    print(f"training: {m['train_s']:.2f} s end to end, fastText subprocess {rep['training']['seconds']:.2f} s, "
+          f"{rep['training']['attempts']} attempt(s), model {rep['training']['model_bytes'] / 1e6:.1f} MB")
+    print(f"held-out at 0.5: precision {h['precision']}  recall {h['recall']}  F1 {h['f1']}  "
+          f"(tp {h['tp']} fp {h['fp']} fn {h['fn']} tn {h['tn']})")
+    print(f"scoring: {n / m['score_s']:.0f} docs/s (1 core); top 10% cutoff {m['res']['cutoff']:.4f}: keeps {len(kept)} of {n}")
+    print(f"{'domain':26s} {'docs':>5s} {'mean':>7s} {'p10':>7s} {'p50':>7s} {'p90':>7s} {'kept':>5s} {'share':>6s} {'neg':>4s}")
+    for dom, d in rep["domains"].items():
+        print(f"{dom:26s} {d['documents']:5d} {d['mean']:7.4f} {d['p10']:7.4f} {d['p50']:7.4f} {d['p90']:7.4f} "
+              f"{d['kept']:5d} {d['kept_share']:6.3f} {d['training_negatives']:4d}")
+    print("top-scored (score, url):")
+    for d in sorted(kept, key=lambda d: -d.metadata["quality_score"])[:10]:
+        print(f"  {d.metadata['quality_score']:.4f}  {d.metadata.get('url')}")
+    print("lowest kept:")
+    for d in sorted(kept, key=lambda d: d.metadata["quality_score"])[:3]:
+        print(f"  {d.metadata['quality_score']:.4f}  {d.metadata.get('url')}")
+
+
+def run() -> dict:
+    from stages.core.storage import Storage
+
+    cfg, _ = dedup_docs()
+    root = Storage(str(WORK / "store")).sub("crawl")
+    plain = measure(cfg, root)
+    show("all dedup documents (train_quality without prefilter)", plain)
+    pre = measure(cfg, root, heuristics_prefilter(cfg))
+    show("after the heuristic filters (prefilter: tiny profile's Gopher/C4/FineWeb)", pre)
+
+    rep, h = plain["rep"], plain["rep"]["heldout"]["at_0.5"]
     figures = {
-        "quality.train_seconds": fig(round(train_s, 2), "s", "quality classifier: train_quality end to end (sample crawl)"),
+        "quality.train_seconds": fig(round(plain["train_s"], 2), "s", "quality classifier: train_quality end to end (sample crawl)"),
         "quality.fasttext_seconds": fig(rep["training"]["seconds"], "s", "quality classifier: fastText training subprocess"),
         "quality.train_attempts": fig(rep["training"]["attempts"], "", "quality classifier: training attempts (NaN retries + 1)"),
         "quality.precision": fig(h["precision"], "", "quality classifier: held-out precision at 0.5 (news vs crawl docs)"),
         "quality.recall": fig(h["recall"], "", "quality classifier: held-out recall at 0.5"),
         "quality.f1": fig(h["f1"], "", "quality classifier: held-out F1 at 0.5"),
         "quality.heldout_examples": fig(h["tp"] + h["fp"] + h["fn"] + h["tn"], "docs", "quality classifier: held-out examples"),
-        "quality.docs_per_s": fig(round(n / score_s, 1), "docs/s", "quality block: scoring in-process, 1 core"),
-        "quality.cutoff_top10": fig(res["cutoff"], "", "quality classifier: score cutoff of the top 10% of dedup docs"),
-        "quality.kept_top10": fig(len(kept), "docs", f"quality block: documents kept of {n} (top 10%)"),
+        "quality.docs_per_s": fig(round(len(plain["docs"]) / plain["score_s"], 1), "docs/s", "quality block: scoring in-process, 1 core"),
+        "quality.cutoff_top10": fig(plain["res"]["cutoff"], "", "quality classifier: score cutoff of the top 10% of dedup docs"),
+        "quality.kept_top10": fig(len(plain["kept"]), "docs", f"quality block: kept of {len(plain['docs'])} dedup docs (top 10%)"),
         "quality.model_mb": fig(round(rep["training"]["model_bytes"] / 1e6, 1), "MB", "quality classifier: model.bin size"),
     }
     for dom, d in rep["domains"].items():
-        figures[f"quality.kept_share.{dom}"] = fig(d["kept_share"], "", f"quality top 10%: share of {dom} kept")
-
-    print(f"\n{n} dedup documents; {rep['positives']['documents']} positives "
-          f"({rep['positives']['train']} train / {rep['positives']['heldout']} held out), "
-          f"{rep['negatives']['sampled']} negatives ({rep['negatives']['excluded_as_positive']} crawl docs excluded as positives)")
-    print(f"training: {train_s:.2f} s end to end, fastText subprocess {rep['training']['seconds']:.2f} s, "
-          f"{rep['training']['attempts']} attempt(s), model {rep['training']['model_bytes'] / 1e6:.1f} MB")
-    print(f"held-out at 0.5: precision {h['precision']}  recall {h['recall']}  F1 {h['f1']}  "
-          f"(tp {h['tp']} fp {h['fp']} fn {h['fn']} tn {h['tn']})")
-    print(f"scoring: {n / score_s:.0f} docs/s (1 core); top 10% cutoff {res['cutoff']:.4f}: keeps {len(kept)} of {n}\n")
-    print(f"{'domain':26s} {'docs':>5s} {'mean':>7s} {'p10':>7s} {'p50':>7s} {'p90':>7s} {'kept':>5s} {'share':>6s} {'neg':>4s}")
-    for dom, d in rep["domains"].items():
-        print(f"{dom:26s} {d['documents']:5d} {d['mean']:7.4f} {d['p10']:7.4f} {d['p50']:7.4f} {d['p90']:7.4f} "
-              f"{d['kept']:5d} {d['kept_share']:6.3f} {d['training_negatives']:4d}")
-    print("\ntop-scored documents kept (score, url):")
-    for d in sorted(kept, key=lambda d: -d.metadata["quality_score"])[:12]:
-        print(f"  {d.metadata['quality_score']:.4f}  {d.metadata.get('url')}")
-    print("lowest kept:")
-    for d in sorted(kept, key=lambda d: d.metadata["quality_score"])[:5]:
-        print(f"  {d.metadata['quality_score']:.4f}  {d.metadata.get('url')}")
+        figures[f"quality.kept_share.{dom}"] = fig(d["kept_share"], "", f"quality top 10% of dedup docs: share of {dom} kept")
+    hp = pre["rep"]["heldout"]["at_0.5"]
+    figures |= {
+        "quality.prefiltered.train_seconds": fig(round(pre["train_s"], 2), "s", "quality classifier after heuristics: train_quality incl. the prefilter"),
+        "quality.prefiltered.precision": fig(hp["precision"], "", "quality classifier after heuristics: held-out precision at 0.5"),
+        "quality.prefiltered.recall": fig(hp["recall"], "", "quality classifier after heuristics: held-out recall at 0.5"),
+        "quality.prefiltered.kept_top10": fig(len(pre["kept"]), "docs", f"quality top 10% after heuristics: kept of {len(pre['docs'])}"),
+    }
+    for dom, d in pre["rep"]["domains"].items():
+        figures[f"quality.prefiltered.kept_share.{dom}"] = fig(d["kept_share"], "", f"quality top 10% after heuristics: share of {dom} kept")
     return figures
 
 

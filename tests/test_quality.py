@@ -217,7 +217,9 @@ def test_prefilter_limits_negatives_and_cutoff(crawl, tmp_path):
     from datatrove.data import Document
     from datatrove.pipeline.filters import GopherQualityFilter
 
-    gopher = GopherQualityFilter()
+    from stages.filter import fast_word_tokenizer
+
+    gopher = GopherQualityFilter(language=fast_word_tokenizer())  # the filter stage's word tokenizer (spacy: slow)
     verdicts = {d["id"]: gopher.filter(Document(text=d["text"], id=d["id"])) for d in crawl}  # bool or (False, why)
     rejected = {i for i, v in verdicts.items() if v is not True}
     assert 10 < len(rejected) < len(crawl) - 20  # the crawl's code-heavy pages fail it, prose passes

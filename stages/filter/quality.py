@@ -199,9 +199,10 @@ def iter_upstream(ctx: StageContext, upstream: str):
     """(file, line number, document) of every document the upstream manifest lists (local or s3)."""
     store = ctx.input(upstream)
     for rel in ctx.input_files(upstream, prefix="data/", suffix=".jsonl.gz"):
-        for i, line in enumerate(gzip.decompress(store.read_bytes(rel)).splitlines()):
-            if line.strip():
-                yield rel, i, json.loads(line)
+        with store.open(rel) as raw, gzip.open(raw) as f:  # streamed: task files can be large
+            for i, line in enumerate(f):
+                if line.strip():
+                    yield rel, i, json.loads(line)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ runs of the same input).
 
 from __future__ import annotations
 
+import os
+
 from pydantic import Field
 
 from stages.core.config import Strict
@@ -28,8 +30,11 @@ SPLITS = ("train", "validation")
 class Config(Strict):
     val_fraction: float = Field(0.05, ge=0, lt=1)  # of original documents (by hash of the base id)
     parquet_rows_per_group: int = Field(1024, ge=1)  # rows per Parquet row group (a streaming unit)
-    encode_batch: int = Field(256, ge=1)  # documents per sentencepiece encode call
-    encode_threads: int = Field(1, ge=1)  # per task; tasks already run in parallel
+    encode_batch: int = Field(1024, ge=1)  # documents per sentencepiece encode call
+    encode_threads: int | None = Field(None, ge=1)  # per task; null: the cores / the tasks running at once
+    # smaller inputs (MB of reweight's compressed data/) are one task in this process, encoding with every core:
+    # a worker pool costs ~1-2 s to start, as much as encoding the 15 MB demo corpus
+    inprocess_below_mb: float = Field(16.0, ge=0)
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
@@ -124,15 +129,20 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
     if "tokenizer.model" not in ctx.input_files("tokenizer"):
         raise StageError(f"shard: the tokenizer manifest in {ctx.input('tokenizer').url()} lists no tokenizer.model")
+    size = sum(o["bytes"] for o in ctx.inputs["reweight"]["outputs"] if o["path"].startswith("data/"))
+    cores = len(os.sched_getaffinity(0))
+    tasks, workers = (1, 1) if size < cfg.inprocess_below_mb * 1e6 else (ctx.cfg.run.tasks, ctx.cfg.run.workers)
+    threads = cfg.encode_threads or max(1, cores // min(workers, tasks))
     steps = [
         upstream_reader(ctx, "reweight", add_file_path=False),
-        _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg, ctx.cfg.reweight),
+        _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg.model_copy(update={"encode_threads": threads}),
+                 ctx.cfg.reweight),
         Tally(),
         ParquetWriter(ctx.out.datafolder("parquet"), output_filename="${split}/${rank}.parquet",
                       compression="zstd", adapter=_parquet_row, batch_size=cfg.parquet_rows_per_group,
                       max_file_size=-1, schema=parquet_schema()),
     ]
-    stats = run_pipeline(ctx, steps, name="shard")
+    stats = run_pipeline(ctx, steps, name="shard", tasks=tasks, workers=workers)
     tok = block_stats(stats, "token shards")
     out = tally_counts(block_stats(stats, "tally"))
     n = {k.replace("validation", "val"): int(tok.get(k, 0))

@@ -17,7 +17,8 @@ from stages.core.tokens import TokenShard
 from stages.reweight import base_id
 from stages.shard import parquet_schema, split_of
 
-FAST = {"run.tasks": 2, "run.workers": 1, "tokenizer.vocab_size": 2048}
+# two tasks one after the other (shard.inprocess_below_mb 0: the in-process single task only where a test says)
+FAST = {"run.tasks": 2, "run.workers": 1, "tokenizer.vocab_size": 2048, "shard.inprocess_below_mb": 0}
 
 
 def with_copies(docs: list[dict]) -> list[dict]:
@@ -129,7 +130,7 @@ def test_missing_tokenizer_model_fails_clearly(tmp_path):
 
 def test_shard_on_s3_with_parallel_workers(s3_bucket, tmp_path):
     root, docs = s3_bucket + "/runs", with_copies(mixed_docs(40, 40, 10))
-    m = build(root, "s3", docs, load_tiny(tmp_path, {**FAST, "run.workers": 2}))
+    m = build(root, "s3", docs, load_tiny(tmp_path, {**FAST, "run.workers": 2, "shard.inprocess_below_mb": 0}))
     st = Storage(root).sub("s3", "shard")
     assert m["counts"]["documents_out"] == len(docs) and m["location"].startswith("s3://")
     listed = {o["path"] for o in m["outputs"]}
@@ -151,7 +152,8 @@ def test_mixture_in_real_tokens_and_byte_identical_rebuild(tmp_path):
     from test_reweight import seed_split as seed_filter
 
     root = str(tmp_path)
-    cfg = load_tiny(tmp_path, {**FAST, "reweight.weights": {"wikitext": 2.0, "news": 0.5}})
+    # the tiny profile's path for small inputs: one task in this process, encoding with every core
+    cfg = load_tiny(tmp_path, {**FAST, "reweight.weights": {"wikitext": 2.0, "news": 0.5}, "shard.inprocess_below_mb": 16})
     manifests = []
     for run in ("a", "b"):
         seed_filter(root, run, "filter", mixed_docs())
@@ -159,7 +161,8 @@ def test_mixture_in_real_tokens_and_byte_identical_rebuild(tmp_path):
             m = run_stage(stage, cfg, root, run)
         manifests.append(m)
     sums = [{o["path"]: o["sha256"] for o in m["outputs"]} for m in manifests]
-    assert sums[0] == sums[1] and any(p.startswith("tokens/train/") for p in sums[0])
+    assert sums[0] == sums[1] and [p for p in sums[0] if p.startswith("tokens/train/")] == \
+        ["tokens/train/00000.bin", "tokens/train/00000.idx"]
     mix = Storage(root).sub("a", "shard").read_json("mixture.json")
     assert set(mix["domains"]) == {"news", "shakespeare", "wikitext"} and mix["key"] == "domain"
     assert sum(v["tokens"] for v in mix["domains"].values()) == mix["tokens"] == manifests[0]["counts"]["tokens_out"]

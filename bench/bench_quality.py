@@ -96,16 +96,18 @@ def measure(cfg, root, prefilter=None) -> dict:
 
 def show(label: str, m: dict) -> None:
     rep, h, n, kept = m["rep"], m["rep"]["heldout"]["at_0.5"], len(m["docs"]), m["kept"]
-    print(f"\n== {label}: {n} documents scored; {rep['positives']['documents']} positives "
-          f"({rep['positives']['train']} train / {rep['positives']['heldout']} held out), {rep['negatives']['sampled']} "
-          f"negatives of a pool of {rep['negatives']['pool']} ({rep['negatives']['prefiltered_out']} prefiltered out, "
-          f"{rep['negatives']['excluded_as_positive']} excluded as positives)")
+    ps, ng = rep["positives"], rep["negatives"]
+    print(f"\n== {label}: {n} documents scored; {ps['documents']} positives ({ps['train']} train / "
+          f"{ps['heldout']} held out), {ng['sampled']} negatives of a pool of {ng['pool']} ({ng['prefiltered_out']} "
+          f"prefiltered out, {ng['excluded_as_positive']} excluded as positives)")
     print(f"training: {m['train_s']:.2f} s end to end, fastText subprocess {rep['training']['seconds']:.2f} s, "
           f"{rep['training']['attempts']} attempt(s), model {rep['training']['model_bytes'] / 1e6:.1f} MB")
     print(f"held-out at 0.5: precision {h['precision']}  recall {h['recall']}  F1 {h['f1']}  "
           f"(tp {h['tp']} fp {h['fp']} fn {h['fn']} tn {h['tn']})")
-    print(f"scoring: {n / m['score_s']:.0f} docs/s (1 core); top 10% cutoff {m['res']['cutoff']:.4f}: keeps {len(kept)} of {n}")
-    print(f"{'domain':26s} {'docs':>5s} {'mean':>7s} {'p10':>7s} {'p50':>7s} {'p90':>7s} {'kept':>5s} {'share':>6s} {'neg':>4s}")
+    print(f"scoring: {n / m['score_s']:.0f} docs/s (1 core); top 10% cutoff {m['res']['cutoff']:.4f}: "
+          f"keeps {len(kept)} of {n}")
+    print(f"{'domain':26s} {'docs':>5s} {'mean':>7s} {'p10':>7s} {'p50':>7s} {'p90':>7s} {'kept':>5s} {'share':>6s} "
+          f"{'neg':>4s}")
     for dom, d in rep["domains"].items():
         print(f"{dom:26s} {d['documents']:5d} {d['mean']:7.4f} {d['p10']:7.4f} {d['p50']:7.4f} {d['p90']:7.4f} "
               f"{d['kept']:5d} {d['kept_share']:6.3f} {d['training_negatives']:4d}")
@@ -127,31 +129,26 @@ def run() -> dict:
     pre = measure(cfg, root, heuristics_prefilter(cfg))
     show("after the heuristic filters (prefilter: tiny profile's Gopher/C4/FineWeb)", pre)
 
-    rep, h = plain["rep"], plain["rep"]["heldout"]["at_0.5"]
-    figures = {
-        "quality.train_seconds": fig(round(plain["train_s"], 2), "s", "quality classifier: train_quality end to end (sample crawl)"),
-        "quality.fasttext_seconds": fig(rep["training"]["seconds"], "s", "quality classifier: fastText training subprocess"),
-        "quality.train_attempts": fig(rep["training"]["attempts"], "", "quality classifier: training attempts (NaN retries + 1)"),
-        "quality.precision": fig(h["precision"], "", "quality classifier: held-out precision at 0.5 (news vs crawl docs)"),
-        "quality.recall": fig(h["recall"], "", "quality classifier: held-out recall at 0.5"),
-        "quality.f1": fig(h["f1"], "", "quality classifier: held-out F1 at 0.5"),
-        "quality.heldout_examples": fig(h["tp"] + h["fp"] + h["fn"] + h["tn"], "docs", "quality classifier: held-out examples"),
-        "quality.docs_per_s": fig(round(len(plain["docs"]) / plain["score_s"], 1), "docs/s", "quality block: scoring in-process, 1 core"),
-        "quality.cutoff_top10": fig(plain["res"]["cutoff"], "", "quality classifier: score cutoff of the top 10% of dedup docs"),
-        "quality.kept_top10": fig(len(plain["kept"]), "docs", f"quality block: kept of {len(plain['docs'])} dedup docs (top 10%)"),
-        "quality.model_mb": fig(round(rep["training"]["model_bytes"] / 1e6, 1), "MB", "quality classifier: model.bin size"),
-    }
-    for dom, d in rep["domains"].items():
-        figures[f"quality.kept_share.{dom}"] = fig(d["kept_share"], "", f"quality top 10% of dedup docs: share of {dom} kept")
-    hp = pre["rep"]["heldout"]["at_0.5"]
-    figures |= {
-        "quality.prefiltered.train_seconds": fig(round(pre["train_s"], 2), "s", "quality classifier after heuristics: train_quality incl. the prefilter"),
-        "quality.prefiltered.precision": fig(hp["precision"], "", "quality classifier after heuristics: held-out precision at 0.5"),
-        "quality.prefiltered.recall": fig(hp["recall"], "", "quality classifier after heuristics: held-out recall at 0.5"),
-        "quality.prefiltered.kept_top10": fig(len(pre["kept"]), "docs", f"quality top 10% after heuristics: kept of {len(pre['docs'])}"),
-    }
-    for dom, d in pre["rep"]["domains"].items():
-        figures[f"quality.prefiltered.kept_share.{dom}"] = fig(d["kept_share"], "", f"quality top 10% after heuristics: share of {dom} kept")
+    figures: dict = {}
+    for tag, m, what in (("quality", plain, "quality classifier"),
+                         ("quality.prefiltered", pre, "quality classifier after heuristics")):
+        rep, h, n = m["rep"], m["rep"]["heldout"]["at_0.5"], len(m["docs"])
+        figures |= {
+            f"{tag}.train_seconds": fig(round(m["train_s"], 2), "s", f"{what}: train_quality end to end"),
+            f"{tag}.fasttext_seconds": fig(rep["training"]["seconds"], "s", f"{what}: fastText training process"),
+            f"{tag}.train_attempts": fig(rep["training"]["attempts"], "", f"{what}: training attempts"),
+            f"{tag}.precision": fig(h["precision"], "", f"{what}: held-out precision at 0.5 (news vs crawl docs)"),
+            f"{tag}.recall": fig(h["recall"], "", f"{what}: held-out recall at 0.5"),
+            f"{tag}.f1": fig(h["f1"], "", f"{what}: held-out F1 at 0.5"),
+            f"{tag}.heldout_examples": fig(h["tp"] + h["fp"] + h["fn"] + h["tn"], "docs", f"{what}: held-out examples"),
+            f"{tag}.docs_per_s": fig(round(n / m["score_s"], 1), "docs/s", f"{what}: block scoring in-process, 1 core"),
+            f"{tag}.cutoff_top10": fig(m["res"]["cutoff"], "", f"{what}: score cutoff of the top 10%"),
+            f"{tag}.kept_top10": fig(len(m["kept"]), "docs", f"{what}: top 10% kept of {n} documents"),
+        }
+        for dom, d in rep["domains"].items():
+            figures[f"{tag}.kept_share.{dom}"] = fig(d["kept_share"], "", f"{what}: top 10%, share of {dom} kept")
+    figures["quality.model_mb"] = fig(round(plain["rep"]["training"]["model_bytes"] / 1e6, 1), "MB",
+                                      "quality classifier: model.bin size")
     return figures
 
 

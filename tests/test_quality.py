@@ -224,10 +224,13 @@ def test_prefilter_limits_negatives_and_cutoff(crawl, tmp_path):
     rejected = {i for i, v in verdicts.items() if v is not True}
     assert 10 < len(rejected) < len(crawl) - 20  # the crawl's code-heavy pages fail it, prose passes
     ctx = make_ctx(str(tmp_path / "st"), tmp_path / "work", crawl)
-    res = train_quality(QualityConfig(enabled=True, heldout_fraction=0.0), ctx, prefilter=datatrove_prefilter([gopher]))
+    res = train_quality(QualityConfig(enabled=True, heldout_fraction=0.0), ctx,
+                        prefilter=datatrove_prefilter([gopher]))
     rep = res["report"]
-    assert rep["negatives"]["prefiltered_out"] == len(rejected) and rep["negatives"]["pool"] == len(crawl) - len(rejected)
+    assert rep["negatives"]["prefiltered_out"] == len(rejected)
+    assert rep["negatives"]["pool"] == len(crawl) - len(rejected)
     assert rep["keep"]["scored"] == sum(d["documents"] for d in rep["domains"].values()) == len(crawl) - len(rejected)
-    negatives = {line[len(NEG) + 1:-1] for line in open(tmp_path / "work" / "quality-train.txt") if line.startswith(NEG)}
+    negatives = {line[len(NEG) + 1:-1] for line in open(tmp_path / "work" / "quality-train.txt")
+                 if line.startswith(NEG)}
     assert len(negatives) == len(crawl) - len(rejected)
     assert not negatives & {preprocess(d["text"]) for d in crawl if d["id"] in rejected}

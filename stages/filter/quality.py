@@ -393,12 +393,14 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
                         "kept": int((v >= cutoff).sum()), "kept_share": round(float((v >= cutoff).mean()), 4),
                         "training_negatives": neg_in_domain.get(dom, 0)}
 
-    model_bytes = open(model_path, "rb").read()
+    with open(model_path, "rb") as f:
+        model_bytes = f.read()
     report = {
         "positives": {"files": cfg.positives.paths, "format": cfg.positives.format, "documents": len(pos),
                       "train": len(pos_train), "heldout": len(pos_held)},
-        "negatives": {"upstream": upstream, "prefiltered_out": len(rejected), "pool": pool, "excluded_as_positive": excluded, "sampled": len(negs),
-                      "train": len(neg_train), "heldout": len(neg_held)},
+        "negatives": {"upstream": upstream, "prefiltered_out": len(rejected), "pool": pool,
+                      "excluded_as_positive": excluded, "sampled": len(negs), "train": len(neg_train),
+                      "heldout": len(neg_held)},
         "heldout": {"at_0.5": _prf(held_scores, held_labels, 0.5), "at_cutoff": _prf(held_scores, held_labels, cutoff)},
         "training": {**training, "params": params, "model_bytes": len(model_bytes),
                      "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "labels": [POS, NEG]},

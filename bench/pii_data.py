@@ -194,7 +194,7 @@ def _phone(rng) -> str:
 def _ipv4(rng) -> str:
     while True:
         ip = ipaddress.IPv4Address(rng.getrandbits(32))
-        if ip.is_global:
+        if ip.is_global and not ip.is_multicast:  # public unicast: a host, not a group
             return str(ip)
 
 

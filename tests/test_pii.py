@@ -46,7 +46,7 @@ UNTOUCHED = ["Python 3.11.2", "release 1.4.14", "on 2023-01-05 at 12:30:45", "IS
              "127.0.0.1:8000", "192.0.2.30", "2001:db8::1", "fe80::1", "a[1::2]", "Section 9.7.3.5",
              "sha1 3f786850e387550fdab836ed7e6dc881de23001b", "id 9223372036854775807", "0.7071067811865476",
              "card 4111 1111 1111 1112", "IBAN DE89 3704 0044 0532 0130 01", "SSN 000-12-3456", "SSN 666-12-3456",
-             "SSN 912-34-5678", "part 123-456-7890", "Authorization: Bearer <token>", "novas==3.1.1.3",
+             "SSN 912-34-5678", "part 123-456-7890", "part 006-224-6729", "Authorization: Bearer <token>", "novas==3.1.1.3",
              "-----BEGIN PRIVATE KEY-----\n... (private key in base64 encoding) ...\n-----END PRIVATE KEY-----"]
 
 

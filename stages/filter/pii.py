@@ -7,21 +7,24 @@ Interface (wired into ``stages.filter``): ``PIIConfig`` (the ``filter.pii`` sect
 logged, counted by value or stored.
 
 Placeholders (``PLACEHOLDERS``) and what is detected:
-- ``<EMAIL>``: addresses ``local@domain.tld`` (found from each ``@``; local part up to 64 characters, a
-  letter-only TLD). Every address, also at example.com: the docs' example addresses are harmless to replace.
+- ``<EMAIL>``: addresses ``local@domain.tld`` (found from each ``@``; local part of letters, digits and
+  ``._%+-`` up to 64 characters, a letter-only TLD that is not a file extension: ``logo@2x.png`` stays).
+  Every address, also at example.com: the docs' example addresses are harmless to replace.
 - ``<PHONE>``: ``+CC ...`` and ``00CC ...`` with a valid ITU country calling code and 8-15 digits (E.164), e.g.
-  +44 20 7946 0958, +1-202-555-0173, +49 (0)30 1234567, 0049 30 1234567 (the 00 form needs a separator);
+  +44 20 7946 0958, +1-202-555-0173, +49 (0)30 1234567, 0049 30 1234567 (00 + the code, then a separator);
   North-American numbers (555) 123-4567, 202-555-0173, 202.555.0173, 1-800-273-8255 (area code 2-9; with
   dashes/dots the exchange too, so 123-456-7890 is not one); national numbers with a trunk 0
   (020 7946 0958) only right after a phone word (Tel, Phone, Fax, Mobile, call us on ...).
 - ``<IP_ADDRESS>``: IPv4 and IPv6 validated by the stdlib ``ipaddress``. With ``only_public_ips`` (default,
   like datatrove) only ``is_global`` addresses, and for IPv6 only inside global unicast 2000::/3 (which
   leaves slice syntax like ``a[1::2]``, MAC addresses and the docs' ``dead:beef::`` alone): private,
-  loopback, link-local, shared (100.64/10), reserved and documentation ranges (192.0.2/24, 2001:db8::/32)
-  are not personal data. Not IPs: dotted quads of single digits (``1.2.3.4``, versions ``1.5.0.9``,
-  section numbers ``4.1.2.1``), quads after a word like "Section", "version", "Ch." or glued to a word,
-  ``-``, ``==`` or ``/`` (``novas-3.1.1.3``, ``novas==3.1.1.3``, ``Firefox/2.0.0.11``, ``#section-7.1.1.1``; ``http://`` is
-  fine), and networks (``192.0.2.0/24``, ``2001:4f8:3:ba::/64``: followed by a prefix length).
+  loopback, link-local, shared (100.64/10), reserved, multicast (224/4: group addresses, e.g. IANA's
+  registry pages) and documentation ranges (192.0.2/24, 2001:db8::/32) are not personal data. Not IPs:
+  dotted quads of single digits (``1.2.3.4``, versions ``1.5.0.9``, section numbers ``4.1.2.1``), quads
+  after a word like "Section", "version", "Ch.", numbered headings at a line start ("24.2.2.1. Standard
+  Collations"), quads glued to a word, ``-``, ``==`` or ``/`` (``novas-3.1.1.3``, ``novas==3.1.1.3``,
+  ``Firefox/2.0.0.11``, ``#section-7.1.1.1``; ``http://`` and ``ip=`` are fine), and networks
+  (``192.0.2.0/24``, ``2001:4f8:3:ba::/64``: followed by a prefix length).
 - ``<CREDIT_CARD>``: 13-19 digits, contiguous or in groups of 4 (4-6-5/4-6-4 for Amex/Diners) with one
   separator kind (space or dash), Luhn-valid, with an issuer prefix and length that exist (Visa 4, Mastercard
   51-55/2221-2720, Amex 34/37, Discover 6011/644-649/65, JCB 3528-3589, Diners 300-305/36/38/39, UnionPay
@@ -33,7 +36,7 @@ Placeholders (``PLACEHOLDERS``) and what is detected:
   area not 000/666/900-999, group not 00, serial not 0000.
 - ``<SECRET>``: PEM private-key blocks (``-----BEGIN ... PRIVATE KEY-----`` with at least 64 base64
   characters of body, to the END line; the docs' "... (private key in base64 encoding) ..." stays), AWS
-  access key ids (AKIA/ASIA/... + 16 base-32 characters), AWS secret keys after a ``secret_access_key``
+  access key ids (AKIA/ASIA + 16 base-32 characters), AWS secret keys after a ``secret_access_key``
   label (the 40-character value only), ``Bearer <token>`` (the token only: 20+ characters mixing at least two
   of lower case, upper case, digits, or a JWT ``eyJ...``; ``Bearer YOUR_TOKEN`` stays), GitHub tokens
   (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_), Slack tokens (xox?-), Stripe live keys, Google API keys (AIza).
@@ -42,9 +45,14 @@ Overlaps: kinds claim text in the order secret, email, iban, credit_card, ssn, i
 match that overlaps an earlier claim is dropped (an IBAN is not also a phone). Measured on labelled real text
 and on the sample crawl in bench/bench_pii.py.
 
-Speed: every pattern starts with a literal or a narrow class, or is found from a seed (``@`` for emails,
-``:x:`` for IPv6) and extended; digit kinds are skipped when the text has no digit, IBANs when it has no
-upper-case-letter pair followed by two digits; matches are validated in Python only for candidates.
+Speed: Python's ``re`` scans fast only for a literal first character (a pattern led by ``\d`` or a
+lookbehind costs ~10-25 ns per character of every document). So most kinds are found from a literal seed and
+extended: ``@`` (emails), ``:x:`` (IPv6), ``.d.d.`` (IPv4), ``-dd-dddd`` (SSNs), ``+d`` / ``00d`` and
+``-ddd-dddd`` / ``.ddd.dddd`` / ``(ddd)`` (phones), ``0d`` (national phones, then the phone word before it);
+secrets run only when their literal (``PRIVATE KEY-----``, ``gh``, ``earer``, ...) is in the text; boundary
+checks happen in Python on candidates only. Cards (``dddd...``) and IBANs (``AAdd``) are the two class-led
+scans left. Measured on the 2,391 crawl pages (bench/bench_pii.py): ~2x the docs/s of datatrove's
+PIIFormatter (which does emails and IPv4 only).
 """
 
 from __future__ import annotations
@@ -78,16 +86,18 @@ _SWITCH = {"email": "emails", "phone": "phones", "ip": "ips", "credit_card": "cr
 # ---------------------------------------------------------------------------------------------------------
 # secrets: each pattern starts with a literal or runs only when its literal is in the text
 
-_PEM = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?P<body>(?:\s*(?:[A-Za-z][\w-]*:[^\n]*|[A-Za-z0-9+/=]{4,}))*)"
+_PEM = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"
+                  r"(?P<body>(?:\s*(?:[A-Za-z][\w-]*:[^\n]*|[A-Za-z0-9+/=]{4,}))*)"  # header lines, base64
                   r"(?:\s*-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?")
 _B64 = re.compile(r"[A-Za-z0-9+/=]{4,}")
-_TOKENS = (  # (literal that must be in the text, pattern); a token must not continue a longer word
-    ("A", re.compile(r"A(?:KIA|SIA|BIA|CCA|GPA|IDA|IPA|NPA|NVA|PKA|ROA|SCA)[A-Z2-7]{16}")),  # AWS key ids
-    ("gh", re.compile(r"gh[pousr]_[A-Za-z0-9]{36}")),  # GitHub
-    ("github_pat_", re.compile(r"github_pat_[A-Za-z0-9_]{82}")),
-    ("xox", re.compile(r"xox[abposr]-[A-Za-z0-9-]{10,}")),  # Slack
-    ("k_live_", re.compile(r"[sr]k_live_[A-Za-z0-9]{24,}")),  # Stripe
-    ("AIza", re.compile(r"AIza[0-9A-Za-z_-]{35}")),  # Google API keys
+_TOKENS = (  # (literals one of which must be in the text, or () when the pattern starts with a literal: re
+    # scans for that as fast as str.find; a token must not continue a longer word)
+    (("AKIA", "ASIA"), re.compile(r"A[KS]IA[A-Z2-7]{16}")),  # AWS access key ids (long-term, temporary)
+    ((), re.compile(r"gh[pousr]_[A-Za-z0-9]{36}")),  # GitHub
+    ((), re.compile(r"github_pat_[A-Za-z0-9_]{82}")),
+    ((), re.compile(r"xox[abposr]-[A-Za-z0-9-]{10,}")),  # Slack
+    (("k_live_",), re.compile(r"[sr]k_live_[A-Za-z0-9]{24,}")),  # Stripe
+    ((), re.compile(r"AIza[0-9A-Za-z_-]{35}")),  # Google API keys
 )
 _BEARER = re.compile(r"[Bb](?:earer|EARER)[ \t]+(?P<tok>[A-Za-z0-9._~+/-]{20,}=*)")
 _AWS_SECRET = re.compile(r"(?i:secret_?access_?key|aws_?secret(?:_?access)?(?:_?key)?)[\"']?\s*[:=]+\s*[\"']?"
@@ -103,8 +113,8 @@ def _secrets(text: str):
         for m in _PEM.finditer(text):
             if sum(len(t) for t in _B64.findall(m.group("body"))) >= 64:  # a real key body, not "... (key) ..."
                 yield m.span()
-    for lit, pat in _TOKENS:
-        if lit in text:
+    for lits, pat in _TOKENS:
+        if not lits or any(lit in text for lit in lits):
             for m in pat.finditer(text):
                 if _word_edges(text, *m.span()):
                     yield m.span()
@@ -122,7 +132,10 @@ def _secrets(text: str):
 # ---------------------------------------------------------------------------------------------------------
 # emails: from each "@", the domain forwards by regex, the local part backwards
 
-_EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-]|\.[A-Za-z0-9])")
+_EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
+                           r"(?![\w-]|\.[A-Za-z0-9])")
+_FILE_EXTENSIONS = frozenset("png jpg jpeg gif svg webp ico bmp tif tiff css js json xml html htm pdf txt mp4 webm "
+                             "woff woff2 ttf otf avif".split())  # "logo@2x.png" is a file name
 _EMAIL_LOCAL = re.compile(r"[\w.%+-]{1,64}\Z")  # the usual characters: ``email='joe@x.org`` is joe@x.org
 
 
@@ -137,7 +150,7 @@ def _emails(text: str):
         start = loc.start()
         while start < at and text[start] in ".-+%":  # a local part starts with a word character
             start += 1
-        if start < at and text[at - 1] != ".":
+        if start < at and text[at - 1] != "." and m.group(0).rsplit(".", 1)[1].lower() not in _FILE_EXTENSIONS:
             yield start, m.end()
 
 
@@ -181,7 +194,7 @@ def _ipv4(text: str, public_only: bool):
             ip = ipaddress.IPv4Address(m.group(0))
         except ValueError:  # an octet over 255 or with a leading zero
             continue
-        if not public_only or ip.is_global:
+        if not public_only or (ip.is_global and not ip.is_multicast):
             yield s, e
 
 
@@ -215,7 +228,7 @@ def _ipv6(text: str, public_only: bool):
             continue
         if cand.count(":") < 2:
             continue
-        if not public_only or (ip.is_global and ip in _GLOBAL_UNICAST):
+        if not public_only or (ip.is_global and ip in _GLOBAL_UNICAST):  # (multicast is ff00::/8)
             yield s, end
 
 
@@ -263,7 +276,8 @@ def _cards(text: str):
     for m in _CARD.finditer(text):
         s, e = m.span()
         before, after = text[s - 1:s], text[e:e + 2]
-        if (before.isalnum() or before in "_.,+/-" or after[:1].isalnum() or after[:1] == "_" or (after[:1] in ".,/-" and after[1:2].isdigit())):
+        if (before.isalnum() or before in "_.,+/-" or after[:1].isalnum() or after[:1] == "_"
+                or (after[:1] in ".,/-" and after[1:2].isdigit())):
             continue
         digits = m.group(0).replace(" ", "").replace("-", "")
         if 13 <= len(digits) <= 19 and card_brand_ok(digits) and luhn_ok(digits):
@@ -377,8 +391,9 @@ def _phones(text: str):
                 continue
             s, e = m.span()
             raw = m.group(0)
-            if raw[0] != "+":
-                if not any(c in " .-" for c in raw[2:]):  # the 00 form needs a separator (not a digit run)
+            if raw[0] != "+":  # the 00 form: "00CC" then a separator ("0049 30 ...", "00 44 20 ...")
+                head = re.match(r"00[ .-]?(\d+)[ .-]", raw)
+                if head is None or head.group(1) not in CALLING_CODES:
                     continue
                 raw = raw[2:]
             raw = raw.replace("(0)", "")

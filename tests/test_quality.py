@@ -234,3 +234,17 @@ def test_prefilter_limits_negatives_and_cutoff(crawl, tmp_path):
                  if line.startswith(NEG)}
     assert len(negatives) == len(crawl) - len(rejected)
     assert not negatives & {preprocess(d["text"]) for d in crawl if d["id"] in rejected}
+
+
+def test_block_in_a_datatrove_pipeline(trained, crawl):
+    """The block in the stage's kind of pipeline (datatrove reader -> block -> writer, 2 tasks on 2 worker
+    processes): each worker loads the model itself; stats add up; written documents carry their score."""
+    from stages.core.pipeline import block_stats, output_steps, run_pipeline, upstream_reader
+
+    ctx, res = trained
+    blocks = run_pipeline(ctx, [upstream_reader(ctx, "dedup"), quality_block(ON, res["model_path"], res["cutoff"]),
+                                *output_steps(ctx)], name="quality", tasks=2, workers=2)
+    st = block_stats(blocks, "🏅 fastText quality")
+    assert st["kept"] == res["report"]["keep"]["kept"] and st["kept"] + st["dropped"] == len(crawl)
+    out = stage_docs(ctx.root.uri.rsplit("/", 1)[0], "filter")
+    assert len(out) == st["kept"] and all(d["metadata"]["quality_score"] >= res["cutoff"] for d in out)

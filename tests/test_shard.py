@@ -172,3 +172,16 @@ def test_mixture_in_real_tokens_and_byte_identical_rebuild(tmp_path):
     # real tokens per domain follow the byte-estimated target within 1% (measured 0.75 points here; bytes per
     # token differs a little by domain)
     assert mix["max_share_error_tokens"] < 0.01
+
+
+def test_parquet_shards_load_with_hugging_face_datasets(tmp_path, monkeypatch):
+    """Users read the Parquet shards without Kiln: `datasets` (offline, local files) sees every row."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    root, docs = str(tmp_path), mixed_docs(30, 30, 6)
+    m = build(root, "d", docs, load_tiny(tmp_path, FAST))
+    files = sorted(str(p) for p in (tmp_path / "d" / "shard" / "parquet" / "train").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files={"train": files}, split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == m["counts"]["docs_train"] and ds.column_names == ["text", "id", "url", "domain", "date", "n_tokens"]
+    assert sum(ds["n_tokens"]) + len(ds) == m["counts"]["tokens_train"]  # + one EOS per document

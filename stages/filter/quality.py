@@ -397,7 +397,9 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
         model_bytes = f.read()
     report = {
         "positives": {"files": cfg.positives.paths, "format": cfg.positives.format, "documents": len(pos),
-                      "train": len(pos_train), "heldout": len(pos_held)},
+                      "train": len(pos_train), "heldout": len(pos_held),
+                      # the corpus's content (not part of the stage fingerprint, which sees only the config)
+                      "sha256": hashlib.sha256("\x00".join(d["text"] for d in pos).encode()).hexdigest()},
         "negatives": {"upstream": upstream, "prefiltered_out": len(rejected), "pool": pool,
                       "excluded_as_positive": excluded, "sampled": len(negs), "train": len(neg_train),
                       "heldout": len(neg_held)},

@@ -86,7 +86,7 @@ class ReferenceCorpus(Strict):
 
     paths: list[str] = ["../../shared/data/extraction-benchmark/ground-truth.json"]
     format: Literal["json", "jsonl", "text"] = "json"
-    text_field: str | None = None  # default: "articleBody" for json, "text" for jsonl
+    text_field: str | None = None  # default: "articleBody" for json, "text" for jsonl (and the key for text)
     id_field: str = "id"  # jsonl; json uses the key (object) or the position (list)
     url_field: str = "url"  # a crawl document with the same URL is never a negative
 
@@ -225,6 +225,8 @@ def train_model(train_file: str, model_file: str, params: dict, attempts: int) -
     {"attempts", "nan_retries", "seconds"}; raises StageError with fastText's message otherwise."""
     poison = int(os.environ.get(INJECT_NAN_ENV, "0") or 0)
     t0, last = time.perf_counter(), ""
+    if os.path.exists(model_file):
+        os.remove(model_file)  # only a model this call trained counts as success
     for attempt in range(1, attempts + 1):
         p = dict(params, lr=1e30) if attempt <= poison else params  # injected: fastText's own NaN
         proc = subprocess.run([sys.executable, "-c", _CHILD, train_file, model_file, json.dumps(p)],

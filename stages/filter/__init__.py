@@ -1,76 +1,31 @@
-"""filter: drop low-quality documents with datatrove's heuristic filters, then redact emails and IPs.
+"""filter: drop documents by language, URL and datatrove's heuristic filters; then redact emails and IPs.
 
-Filters run in this order, each switchable and parameterized in the profile: GopherRepetitionFilter,
-GopherQualityFilter, C4QualityFilter (filter mode: a document is kept or dropped whole; its line removal
-only when ``c4_quality.remove_lines``), FineWebQualityFilter. Each removal is counted under the filter that
-made it (``counts.removed``), with the filters' own reasons in ``metrics.reasons``. Then datatrove's
-PIIFormatter replaces email addresses and public IP addresses; documents changed are counted.
+Order: language (stages/filter/language.py) → url → gopher_repetition → gopher_quality → c4_quality →
+fineweb_quality (stages/filter/heuristics.py: datatrove's filters, each switchable and parameterized in the
+profile) → PII (datatrove's PIIFormatter: email addresses and public IP addresses). The filters run in one
+block (``FilterChain``) that picks per-domain thresholds (``filter.per_domain``) and records, per filter:
+documents removed (``counts.removed``), the filter's own reasons (``metrics.reasons``), whitespace words and
+UTF-8 bytes removed (``counts.removed_words`` / ``removed_bytes``), estimated tokens removed
+(``counts.removed_tokens_est`` = bytes / 4, the usual ~4 bytes per BPE token of English web text; no
+tokenizer exists yet at this stage of the DAG), and a deterministic sample of removed documents in
+``removed_samples.jsonl.gz`` (filter, reason, id, url, domain, language, words, bytes, first lines).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages.core.config import Strict
 from stages.core.runner import StageContext, StageError, StageResult
+from stages.filter.heuristics import (C4Quality, FineWebQuality, GopherQuality, GopherRepetition, URL,  # noqa: F401
+                                      build_heuristic, fast_word_tokenizer, merge_samples, shared_word_tokenizer)
+from stages.filter.language import Language, build_language_filter
 
-
-class GopherRepetition(Strict):
-    """datatrove GopherRepetitionFilter (defaults: Gopher / FineWeb)."""
-
-    enabled: bool = True
-    dup_line_frac: float | None = 0.3
-    dup_para_frac: float | None = 0.3
-    dup_line_char_frac: float | None = 0.2
-    dup_para_char_frac: float | None = 0.2
-    top_n_grams: list[tuple[int, float]] = [(2, 0.2), (3, 0.18), (4, 0.16)]
-    dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
-
-
-class GopherQuality(Strict):
-    """datatrove GopherQualityFilter (defaults: Gopher)."""
-
-    enabled: bool = True
-    min_doc_words: int | None = 50
-    max_doc_words: int | None = 100_000
-    min_avg_word_length: int | None = 3
-    max_avg_word_length: int | None = 10
-    max_symbol_word_ratio: float | None = 0.1
-    max_bullet_lines_ratio: float | None = 0.9
-    max_ellipsis_lines_ratio: float | None = 0.3
-    max_non_alpha_words_ratio: float | None = 0.8
-    min_stop_words: int | None = 2
-
-
-class C4Quality(Strict):
-    """datatrove C4QualityFilter (defaults: C4)."""
-
-    enabled: bool = True
-    remove_lines: bool = False  # False: only decide keep/drop, keep the text as it is
-    split_paragraph: bool = True
-    remove_citations: bool = True
-    filter_no_terminal_punct: bool = True
-    min_num_sentences: int = 5  # -1 disables
-    min_words_per_line: int = 3  # -1 disables
-    max_word_length: int = 1000  # -1 disables
-    filter_lorem_ipsum: bool = True
-    filter_javascript: bool = True
-    filter_curly_bracket: bool = True
-    filter_policy: bool = True
-
-
-class FineWebQuality(Strict):
-    """datatrove FineWebQualityFilter (defaults: FineWeb)."""
-
-    enabled: bool = True
-    line_punct_thr: float = 0.12
-    line_punct_exclude_zero: bool = False
-    short_line_thr: float = 0.67
-    short_line_length: int = 30
-    char_duplicates_ratio: float = 0.01
-    new_line_ratio: float = 0.3
+ORDER = ("language", "url", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
+SAMPLES = "removed_samples.jsonl.gz"
+_TASK_SAMPLES = "removed_samples_tasks"
 
 
 class PII(Strict):
@@ -81,54 +36,70 @@ class PII(Strict):
 
 
 class Config(Strict):
-    language: str = "en"
     # words for the filters' statistics: "regex" (see fast_word_tokenizer) or "spacy" (datatrove's default
-    # spacy.blank tokenizer for `language`, 4-10x slower on this crawl: it rebuilds its lexicon for every document)
+    # spacy.blank tokenizer for `spacy_language`, 4-10x slower on this crawl: it rebuilds its lexicon per document)
     word_tokenizer: Literal["regex", "spacy"] = "regex"
+    spacy_language: str = "en"
+    language: Language = Language()
+    url: URL = URL()
     gopher_repetition: GopherRepetition = GopherRepetition()
     gopher_quality: GopherQuality = GopherQuality()
     c4_quality: C4Quality = C4Quality()
     fineweb_quality: FineWebQuality = FineWebQuality()
+    # {domain: {filter: {setting: value}}}: overrides for documents whose metadata.domain is the domain or one
+    # of its subdomains (the longest listed match wins), e.g. {docs.python.org: {gopher_quality:
+    # {max_non_alpha_words_ratio: 0.6}}}; validated like the sections themselves (unknown keys rejected)
+    per_domain: dict[str, dict[str, dict[str, Any]]] = {}
+    samples_per_filter: int = Field(20, ge=0)  # removed documents kept per filter in removed_samples.jsonl.gz
+    sample_lines: int = Field(5, ge=1)  # first lines of each sampled document (at most 600 characters)
     pii: PII = PII()
     min_documents_out: int = Field(1, ge=1)  # fewer survivors is an error naming the filter that removed most
 
-
-def fast_word_tokenizer():
-    """A datatrove WordTokenizer: datatrove's WhitespaceTokenizer (regex sentence splitting) whose words are
-    runs of non-space characters that start and end with a word character (``os.path.join``, ``don't``,
-    ``3.11`` stay whole, as with spacy), with any other punctuation as one-character tokens. On 300 real
-    pages it agrees with spacy on the FineWeb filter always, on C4 and Gopher repetition for 98%, on Gopher
-    quality for 91% (it keeps a few more code-heavy pages)."""
-    import regex
-    from datatrove.utils.word_tokenizers import WhitespaceTokenizer
-
-    class RegexWords(WhitespaceTokenizer):
-        _word = regex.compile(r"\w(?:\S*\w)?|[^\w\s]")
-
-        def word_tokenize(self, text: str) -> list[str]:
-            return self._word.findall(text)
-
-    return RegexWords()
+    @model_validator(mode="after")
+    def _check_per_domain(self):
+        for domain, sections in self.per_domain.items():
+            for key in sections:
+                if key not in ORDER:
+                    raise ValueError(f"per_domain.{domain}: unknown filter '{key}' (one of {', '.join(ORDER)})")
+            domain_config(self, domain)  # validates each merged section (unknown settings, types)
+        return self
 
 
-def _c4_cls():
-    from datatrove.pipeline.filters import C4QualityFilter
+def domain_config(cfg: Config, domain: str) -> Config:
+    """``cfg`` with ``per_domain[domain]``'s settings merged into its filter sections."""
+    update = {}
+    for key, settings in cfg.per_domain.get(domain, {}).items():
+        section = getattr(cfg, key)
+        update[key] = type(section).model_validate({**section.model_dump(), **settings})
+    return cfg.model_copy(update={**update, "per_domain": {}})
 
-    class C4QualityKeepText(C4QualityFilter):
-        """C4QualityFilter that, unless ``remove_lines``, only decides keep/drop and leaves the text intact."""
 
-        def __init__(self, remove_lines: bool = False, **kw):
-            super().__init__(**kw)
-            self.remove_lines = remove_lines
+def build_filters(cfg: Config, tokenizer=None, cache: dict | None = None) -> list[tuple[str, object]]:
+    """(key, datatrove filter) for each enabled filter, in chain order. All filters share ``tokenizer`` (one
+    word split per document); ``cache`` reuses the instance of an identical section (per-domain lists)."""
+    if tokenizer is None:
+        tokenizer = shared_word_tokenizer(cfg.word_tokenizer, cfg.spacy_language)
+    cache = {} if cache is None else cache
+    out = []
+    for key in ORDER:
+        section = getattr(cfg, key)
+        if not section.enabled:
+            continue
+        ident = (key, section.model_dump_json())
+        if ident not in cache:
+            cache[ident] = build_language_filter(section) if key == "language" else \
+                build_heuristic(key, section, tokenizer)
+        out.append((key, cache[ident]))
+    return out
 
-        def filter(self, doc):
-            text = doc.text
-            result = super().filter(doc)
-            if not self.remove_lines:
-                doc.text = text
-            return result
 
-    return C4QualityKeepText
+def build_chain(cfg: Config) -> tuple[list, dict[str, list]]:
+    """The default filter list and {domain: its filter list} for ``per_domain``."""
+    tokenizer = shared_word_tokenizer(cfg.word_tokenizer, cfg.spacy_language)
+    cache: dict = {}
+    default = build_filters(cfg, tokenizer, cache)
+    per_domain = {d.lower(): build_filters(domain_config(cfg, d), tokenizer, cache) for d in cfg.per_domain}
+    return default, per_domain
 
 
 def _pii_cls():
@@ -162,43 +133,45 @@ def _pii_cls():
     return CountingPII
 
 
-def build_filters(cfg: Config) -> list[tuple[str, object]]:
-    """(key, datatrove filter block) for each enabled filter, in order."""
-    from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
-
-    params = lambda section: section.model_dump(exclude={"enabled"})  # noqa: E731
-    language = fast_word_tokenizer() if cfg.word_tokenizer == "regex" else cfg.language  # datatrove takes either
-    out = []
-    if cfg.gopher_repetition.enabled:
-        p = params(cfg.gopher_repetition)
-        p["top_n_grams"], p["dup_n_grams"] = tuple(map(tuple, p["top_n_grams"])), tuple(map(tuple, p["dup_n_grams"]))
-        out.append(("gopher_repetition", GopherRepetitionFilter(**p, language=language)))
-    if cfg.gopher_quality.enabled:
-        out.append(("gopher_quality", GopherQualityFilter(**params(cfg.gopher_quality), language=language)))
-    if cfg.c4_quality.enabled:
-        out.append(("c4_quality", _c4_cls()(**params(cfg.c4_quality), language=language)))
-    if cfg.fineweb_quality.enabled:
-        out.append(("fineweb_quality", FineWebQualityFilter(**params(cfg.fineweb_quality), language=language)))
-    return out
+def chain_counts(chain_stats: dict, keys: list[str]) -> tuple[dict, dict]:
+    """(counts, metrics) of the filter chain's block stats for filter ``keys``."""
+    g = lambda k: chain_stats.get(k, 0)  # noqa: E731
+    removed = {k: int(g(f"{k}/dropped")) for k in keys}
+    words = {k: int(g(f"{k}/words")) for k in keys}
+    nbytes = {k: int(g(f"{k}/bytes")) for k in keys}
+    reasons = {k: {s[len(k) + 8:]: int(v) for s, v in sorted(chain_stats.items()) if s.startswith(f"{k}/reason/")}
+               for k in keys}
+    counts = {"removed": removed, "removed_words": words, "removed_bytes": nbytes,
+              "removed_tokens_est": {k: round(v / 4) for k, v in nbytes.items()},
+              "domain_overridden": int(g("domain_overridden"))}
+    metrics = {"reasons": reasons, "seconds": {k: round(float(g(f"{k}/seconds")), 3) for k in keys}}
+    return counts, metrics
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from stages.core.pipeline import data_result, output_steps, run_pipeline, upstream_reader
+    from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
+    from stages.filter.heuristics import _chain_cls
 
-    filters = build_filters(cfg)
-    steps = [upstream_reader(ctx, "dedup"), *(f for _, f in filters)]
+    filters, per_domain = build_chain(cfg)
+    keys = [k for k in ORDER if any(k == key for lst in [filters, *per_domain.values()] for key, _ in lst)]
+    # The quality classifier goes into this list (filters.append(("quality", quality_block(...))) after
+    # fineweb_quality, for every domain list too) so that it is counted and sampled like the others.
+    ctx.out.rm(_TASK_SAMPLES)
+    chain = _chain_cls()(filters, per_domain, ctx.out.datafolder(_TASK_SAMPLES), cfg.samples_per_filter,
+                         cfg.sample_lines)
+    steps = [upstream_reader(ctx, "dedup"), chain]
     if cfg.pii.enabled:
         steps.append(_pii_cls()(remove_emails=cfg.pii.emails, remove_ips=cfg.pii.ips,
                                 only_remove_public_ips=cfg.pii.only_public_ips))
     blocks = run_pipeline(ctx, steps + output_steps(ctx), name="filter")
-    stats = list(blocks.values())
-    removed, reasons = {}, {}
-    for (key, _), st in zip(filters, stats[1:]):
-        removed[key] = int(st.get("dropped", 0))
-        reasons[key] = {k[8:]: int(v) for k, v in st.items() if k.startswith("dropped_")}
-    pii = stats[1 + len(filters)] if cfg.pii.enabled else {}
-    result = data_result(ctx, blocks, int(stats[0].get("documents", 0)), removed,
-                         metrics={"blocks": blocks, "reasons": reasons},
+    task_files = [ctx.out.read_bytes(p) for p in ctx.out.list(_TASK_SAMPLES, suffix=".jsonl")]
+    ctx.out.write_bytes(SAMPLES, merge_samples(task_files, keys, cfg.samples_per_filter))
+    ctx.out.rm(_TASK_SAMPLES)
+    counts, metrics = chain_counts(block_stats(blocks, chain.name), keys)
+    pii = block_stats(blocks, "📞 PII redaction") if cfg.pii.enabled else {}
+    removed = counts.pop("removed")
+    result = data_result(ctx, blocks, int(block_stats(blocks, chain.name).get("documents", 0)), removed,
+                         extra_outputs=(SAMPLES,), metrics={"blocks": blocks, **metrics}, **counts,
                          redacted={"documents": int(pii.get("redacted", 0)),
                                    "emails": int(pii.get("redacted_emails", 0)), "ips": int(pii.get("redacted_ips", 0))})
     kept = result.counts["documents_out"]

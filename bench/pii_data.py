@@ -74,6 +74,24 @@ def crawl_texts() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+_QUAD = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])")
+
+
+_V6ISH = re.compile(r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}")
+
+
+def _public_ip(text: str) -> bool:
+    """A public IPv4, or an IPv6 in global unicast 2000::/3 (the e-mail / IP rule of the harvest)."""
+    for m in (*_QUAD.finditer(text), *_V6ISH.finditer(text)):
+        try:
+            ip = ipaddress.ip_address(m.group(0))
+        except ValueError:
+            continue
+        if ip.is_global and (ip.version == 4 or ip in ipaddress.ip_network("2000::/3")):
+            return True
+    return False
+
+
 def base_paragraphs(min_chars: int = 200) -> list[str]:
     gt = json.loads((SHARED / "extraction-benchmark" / "ground-truth.json").read_text())
     paras = []
@@ -81,6 +99,12 @@ def base_paragraphs(min_chars: int = 200) -> list[str]:
         if key in REAL_PII_ARTICLES:
             continue
         paras += [p.strip() for p in (val.get("articleBody") or "").split("\n") if len(p.strip()) >= min_chars]
+    # crawl paragraphs: code and numbers next to the planted values; those with an '@', a public IP address or a
+    # phone-like ddd-ddd-dddd (real PII of the crawl, see bench_pii's crawl list) are left out
+    phone_like = re.compile(r"\d{3}[.-]\d{3}[.-]\d{4}|\+\d")
+    for page in crawl_texts()[::7]:
+        paras += [p.strip() for p in page["text"].split("\n\n") if 200 <= len(p.strip()) <= 3000 and "@" not in p
+                  and not phone_like.search(p) and not _public_ip(p)]
     wiki = (SHARED / "eval" / "wikitext-2" / "valid.txt").read_text()
     paras += [p.strip() for p in wiki.split("\n") if len(p.strip()) >= min_chars and not p.strip().startswith("=")]
     return paras
@@ -330,26 +354,16 @@ HARVEST = {
 
 def harvest_negatives(texts: list[str], per_category: int = 60, seed: int = 0) -> list[tuple[str, str, int, int]]:
     """(category, line, start, end) of real must-not-redact strings of the crawl, in their real line (≤ 300
-    characters; lines with an '@' or a public IPv4 address left out: e-mail and public IP addresses are PII by
+    characters; lines with an '@' or a public IP address left out: e-mail and public IP addresses are PII by
     definition). Up to ``per_category`` distinct values per category, chosen with ``seed``."""
     rng = random.Random(seed)
     out = []
-    quad = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])")
-
-    def public_ip(line: str) -> bool:
-        for m in quad.finditer(line):
-            try:
-                if ipaddress.IPv4Address(m.group(0)).is_global:
-                    return True
-            except ValueError:
-                pass
-        return False
 
     for cat, pat in HARVEST.items():
         rx, seen, found = re.compile(pat), set(), []
         for t in texts:
             for line in t.split("\n"):
-                if len(line) > 300 or "@" in line or public_ip(line):
+                if len(line) > 300 or "@" in line or _public_ip(line):
                     continue
                 for m in rx.finditer(line):
                     if m.group(0) not in seen:
@@ -374,6 +388,8 @@ def build(n_docs: int = 600, seed: int = 1234, texts: list[str] | None = None) -
     for _ in range(n_docs):
         base = rng.choice(paras)
         cuts = sorted({0, len(base), *(m.end() for m in re.finditer(r"[.!?] ", base))})
+        spaces = [m.end() for m in re.finditer(r" ", base)]
+        cuts = sorted(set(cuts) | set(rng.sample(spaces, min(5, len(spaces)))))  # also between two words
         inserts = []  # (kind or None, category, prefix, value, suffix)
         for _ in range(rng.randint(1, 3)):
             kind = KINDS[k % len(KINDS)]

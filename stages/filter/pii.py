@@ -235,7 +235,8 @@ def _ipv6(text: str, public_only: bool):
 # ---------------------------------------------------------------------------------------------------------
 # credit cards, IBANs, SSNs
 
-_CARD = re.compile(r"\d\d\d\d(?:\d{9,15}|([ -])\d{4}\1\d{4}\1\d{1,4}(?:\1\d{1,3})?|([ -])\d{6}\2\d{4,5})")
+_CARD = re.compile(r"\d\d\d\d(?:\d{9,15}|([ -])\d{4}\1\d{4}\1\d{1,4}(?:\1\d{1,3})?|([ -])\d{6}\2\d{4,5})"
+                   r"(?!\w|[.,/-]\d)")  # in the pattern (not after it) so that "4111 1111 1111 1111 2019" backtracks
 
 
 def luhn_ok(digits: str) -> bool:
@@ -272,6 +273,9 @@ def card_brand_ok(digits: str) -> bool:
     return False
 
 
+_GROUP_BEFORE = re.compile(r"(?<![A-Za-z0-9])(?=[A-Z]*[0-9])[A-Z0-9]{1,4}\Z")  # "PL43", "12"
+
+
 def _cards(text: str):
     for m in _CARD.finditer(text):
         s, e = m.span()
@@ -279,6 +283,10 @@ def _cards(text: str):
         if (before.isalnum() or before in "_.,+/-" or after[:1].isalnum() or after[:1] == "_"
                 or (after[:1] in ".,/-" and after[1:2].isdigit())):
             continue
+        sep = m.group(1) or m.group(2)
+        if sep and ((before == sep and _GROUP_BEFORE.search(text, max(0, s - 6), s - 1))
+                    or (after[:1] == sep and after[1:2].isdigit())):
+            continue  # the grouping goes on: part of a longer grouped number ("PL43 1234 ... 9701 8257")
         digits = m.group(0).replace(" ", "").replace("-", "")
         if 13 <= len(digits) <= 19 and card_brand_ok(digits) and luhn_ok(digits):
             yield s, e
@@ -375,6 +383,23 @@ def _digits(s: str) -> str:
     return "".join(c for c in s if c.isdigit())
 
 
+_DOUBLE_ZERO = re.compile(r"00(\d+)[ .-]")
+
+
+def _trim(raw: str, max_digits: int) -> str:
+    """Drop trailing groups that cannot belong to the number: beyond ``max_digits`` digits
+    ("+44 20 7946 0958 2019"), or a decimal after a space-separated number ("0049 30 2665547 1.75")."""
+    while True:
+        space = raw.find(" ")
+        mixed = space > 0 and "." in raw[space:]
+        if not mixed and len(_digits(raw.replace("(0)", ""))) <= max_digits:
+            return raw
+        cut = raw.rfind(" ") if mixed else max(raw.rfind(" "), raw.rfind("-"), raw.rfind("."), raw.rfind("/"))
+        if cut <= 2:
+            return raw
+        raw = raw[:cut]
+
+
 def _clear(text: str, s: int, e: int, bad_before: str) -> bool:
     """Nothing glued to the candidate: no word character or ``bad_before`` before it, no word character or
     decimal part (``.5``, ``,5``) after it."""
@@ -390,21 +415,14 @@ def _phones(text: str):
             if m is None:
                 continue
             s, e = m.span()
-            raw = m.group(0)
-            if raw[0] != "+":  # the 00 form: "00CC" then a separator ("0049 30 ...", "00 44 20 ...")
-                head = re.match(r"00[ .-]?(\d+)[ .-]", raw)
+            raw = _trim(m.group(0), 15 if m.group(0)[0] == "+" else 17)  # E.164: 15 digits after + or 00
+            e = s + len(raw)
+            if raw[0] != "+":  # the 00 form: "00CC" then a separator ("0049 30 ...")
+                head = _DOUBLE_ZERO.match(raw)
                 if head is None or head.group(1) not in CALLING_CODES:
                     continue
                 raw = raw[2:]
-            raw = raw.replace("(0)", "")
-            digits = _digits(raw)
-            while len(digits) > 15:  # a trailing group that is not part of the number ("... 0958 2019")
-                cut = max(raw.rfind(" "), raw.rfind("-"), raw.rfind("."))
-                if cut <= 2:
-                    break
-                e -= len(raw) - cut
-                raw = raw[:cut]
-                digits = _digits(raw)
+            digits = _digits(raw.replace("(0)", ""))
             if _intl_ok(digits) and _clear(text, s, e, "+=*/^-.&|<>"):
                 yield s, e
     if "-" in text or "." in text or "(" in text:
@@ -424,13 +442,8 @@ def _phones(text: str):
                     yield s, e
     for m in _NATIONAL.finditer(text):  # a trunk-0 national number only right after a phone word
         s, e = m.span()
-        raw = m.group(0)
-        while len(_digits(raw)) > 12:  # numbers after it ("Tel: 020 7946 0958 679 0 0"): cut trailing groups
-            cut = max(raw.rfind(" "), raw.rfind("-"), raw.rfind("."), raw.rfind("/"))
-            if cut <= 2:
-                break
-            e -= len(raw) - cut
-            raw = raw[:cut]
+        raw = _trim(m.group(0), 12)  # numbers after it ("Tel: 020 7946 0958 679 0 0")
+        e = s + len(raw)
         if 9 <= len(_digits(raw)) <= 12 and _clear(text, s, e, "+=*/^-.") and _PHONE_WORD.search(
                 text, max(0, s - 30), s):
             yield s, e

@@ -150,14 +150,16 @@ def test_url_filter_blocklists_ship_offline(tmp_path, docs, cc_pages):
     blocked_domain = head[0]  # a real entry of the shipped domain list
     good = by_prefix(docs, KEEPS)
     bad = dict(good, id="listed", metadata={**good["metadata"], "url": f"https://{blocked_domain}/news/1.html"})
-    word = dict(good, id="word", metadata={**good["metadata"],
-                                          "url": f"https://www.example.org/{min(lists['banned_words'])}/1.html"})
+    word = dict(good, id="word", text="Write to jane.roe@nytimes.com or 93.184.216.34\n" + good["text"],
+                metadata={**good["metadata"], "url": f"https://www.example.org/{min(lists['banned_words'])}/1.html"})
     # a crawl's own spam host: the CC porn page that the shipped lists miss, added with url.extra_domains
     spam = next(d for d in cc_pages[1] if d["metadata"]["domain"] == "0513mt.com")
     m = _one_filter(tmp_path, "url", [bad, word, spam, good], {"filter.url.extra_domains": ["0513mt.com"]})
     assert m["counts"]["removed"] == {"url": 3}
     assert m["metrics"]["reasons"]["url"] == {"domain": 2, "hard_blacklisted": 1}
     assert [d["id"] for d in stage_docs(str(tmp_path), "filter")] == [good["id"]]
+    head = next(r["head"] for r in samples(tmp_path) if r["id"] == "word")  # no addresses in the artifact
+    assert head.startswith("Write to <EMAIL> or <IP_ADDRESS>\n") and "jane.roe" not in head
 
 
 def test_removals_add_up_and_survivors_pass(tmp_path, docs):

@@ -158,7 +158,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     # fineweb_quality, for every domain list too) so that it is counted and sampled like the others.
     ctx.out.rm(_TASK_SAMPLES)
     chain = _chain_cls()(filters, per_domain, ctx.out.datafolder(_TASK_SAMPLES), cfg.samples_per_filter,
-                         cfg.sample_lines)
+                         cfg.sample_lines)  # sample heads: emails / public IPs always replaced
     steps = [upstream_reader(ctx, "dedup"), chain]
     if cfg.pii.enabled:
         steps.append(_pii_cls()(remove_emails=cfg.pii.emails, remove_ips=cfg.pii.ips,

@@ -324,3 +324,13 @@ def test_normalize_dedup_filter_on_s3(s3_bucket, docs):
     assert len(out) == f["documents_out"] > 0 and "copy" not in {d["id"] for d in out}
     rows = samples(store)  # the samples artifact is written to S3 too
     assert len(rows) == min(sum(f["removed"].values()), 20 * len([v for v in f["removed"].values() if v]))
+
+
+def test_bytes_add_up_with_c4_line_removal(tmp_path, docs):
+    """C4 with remove_lines cuts lines from the documents it keeps: bytes in = out + removed + cut."""
+    seed_stage(str(tmp_path), "run1", "dedup", docs)
+    m = run_stage("filter", load_tiny(tmp_path, {**FAST, "filter.c4_quality.remove_lines": True,
+                                                 "filter.pii.enabled": False}), str(tmp_path), "run1")
+    c, cut = m["counts"], m["metrics"]["bytes_cut"]
+    assert set(cut) == {"c4_quality"} and cut["c4_quality"] > 0
+    assert sum(len(d["text"].encode()) for d in docs) == c["bytes_out"] + sum(c["removed_bytes"].values()) + cut["c4_quality"]

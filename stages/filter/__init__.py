@@ -144,7 +144,8 @@ def chain_counts(chain_stats: dict, keys: list[str]) -> tuple[dict, dict]:
     counts = {"removed": removed, "removed_words": words, "removed_bytes": nbytes,
               "removed_tokens_est": {k: round(v / 4) for k, v in nbytes.items()},
               "domain_overridden": int(g("domain_overridden"))}
-    metrics = {"reasons": reasons, "seconds": {k: round(float(g(f"{k}/seconds")), 3) for k in keys}}
+    metrics = {"reasons": reasons, "seconds": {k: round(float(g(f"{k}/seconds")), 3) for k in keys},
+               "bytes_cut": {k: int(g(f"{k}/bytes_cut")) for k in keys if g(f"{k}/bytes_cut")}}
     return counts, metrics
 
 

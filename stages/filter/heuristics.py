@@ -341,7 +341,8 @@ def _chain_cls():
         """Runs ``filters`` ([(key, filter)], in order) on each document; ``per_domain`` maps a domain to its
         own list (same keys; None = that filter off for the domain). A document is removed by the first filter
         that drops it. Stats per filter key: ``<key>/dropped``, ``<key>/reason/<reason>``, ``<key>/words``,
-        ``<key>/bytes``, ``<key>/seconds``; ``documents`` in, ``domain_overridden`` documents. Removed samples of
+        ``<key>/bytes``, ``<key>/seconds``, ``<key>/bytes_cut`` (lines a keeping filter removed: C4 with
+        ``remove_lines``); ``documents`` in, ``domain_overridden`` documents. Removed samples of
         task ``rank`` go to ``samples_folder/<rank>.jsonl`` (see ``merge_samples``); with ``redact_heads`` their
         first lines have email and public IP addresses replaced by ``<EMAIL>`` / ``<IP_ADDRESS>``
         (datatrove's PIIFormatter patterns, fixed placeholders so that the artifact stays deterministic)."""
@@ -385,16 +386,18 @@ def _chain_cls():
             n = self.samples_per_filter
             for doc in data:
                 self.stat_update("documents")
-                chain, overridden = self._filters_for(doc.metadata.get("domain") or "", memo)
+                chain, overridden = self._filters_for((doc.metadata.get("domain") or "").lower(), memo)
                 if overridden:
                     self.stat_update("domain_overridden")
                 for key, f in chain:
                     if f is None:
                         continue
-                    t0 = time.perf_counter()
+                    t0, before = time.perf_counter(), doc.text
                     keep, reason = get_filter_result(f.filter(doc))
                     self.stat_update(f"{key}/seconds", value=time.perf_counter() - t0)
                     if keep:
+                        if doc.text is not before:  # C4 with remove_lines: count the bytes it cut
+                            self.stat_update(f"{key}/bytes_cut", value=len(before.encode()) - len(doc.text.encode()))
                         continue
                     reason = reason or "dropped"
                     words, nbytes = len(doc.text.split()), len(doc.text.encode("utf-8"))

@@ -102,6 +102,23 @@ def build_chain(cfg: Config) -> tuple[list, dict[str, list]]:
     return default, per_domain
 
 
+def add_filter(filters: list, per_domain: dict[str, list], key: str, block) -> None:
+    """Append filter ``block`` under ``key`` to the default list and to every per-domain list (in place)."""
+    filters.append((key, block))
+    for lst in per_domain.values():
+        lst.append((key, block))
+
+
+def chain_keys(filters: list, per_domain: dict[str, list]) -> list[str]:
+    """The filter keys of the default and per-domain lists: ORDER first, then added filters in their order."""
+    seen: dict[str, None] = {}
+    for lst in (filters, *per_domain.values()):
+        for key, _ in lst:
+            seen.setdefault(key)
+    rank = {k: (ORDER.index(k) if k in ORDER else len(ORDER), i) for i, k in enumerate(seen)}
+    return sorted(seen, key=rank.get)
+
+
 def _pii_cls():
     from datatrove.pipeline.formatters import PIIFormatter
 
@@ -154,13 +171,15 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from stages.filter.heuristics import _chain_cls
 
     filters, per_domain = build_chain(cfg)
-    keys = [k for k in ORDER if any(k == key for lst in [filters, *per_domain.values()] for key, _ in lst)]
-    # The quality classifier goes into this list (filters.append(("quality", quality_block(...))) after
-    # fineweb_quality, for every domain list too) so that it is counted and sampled like the others.
+    # [quality classifier] a datatrove filter (``filter(doc) -> bool | (bool, reason)``) joins the chain after
+    # fineweb_quality, counted and sampled like the others:
+    #     add_filter(filters, per_domain, "quality", quality_block(cfg, model_path, cutoff))
+    keys = chain_keys(filters, per_domain)
     ctx.out.rm(_TASK_SAMPLES)
     chain = _chain_cls()(filters, per_domain, ctx.out.datafolder(_TASK_SAMPLES), cfg.samples_per_filter,
                          cfg.sample_lines)  # sample heads: emails / public IPs always replaced
     steps = [upstream_reader(ctx, "dedup"), chain]
+    # [PII] pii_block(cfg) replaces the _pii_cls() step below (and the "📞 PII redaction" stats read after the run)
     if cfg.pii.enabled:
         steps.append(_pii_cls()(remove_emails=cfg.pii.emails, remove_ips=cfg.pii.ips,
                                 only_remove_public_ips=cfg.pii.only_public_ips))

@@ -11,7 +11,7 @@ Placeholders (``PLACEHOLDERS``) and what is detected:
   ``._%+-`` up to 64 characters, a letter-only TLD that is not a file extension: ``logo@2x.png`` stays).
   Every address, also at example.com: the docs' example addresses are harmless to replace.
 - ``<PHONE>``: ``+CC ...`` and ``00CC ...`` with a valid ITU country calling code and 8-15 digits (E.164), e.g.
-  +44 20 7946 0958, +1-202-555-0173, +49 (0)30 1234567, 0049 30 1234567 (00 + the code, then a separator);
+  +44 20 7946 0958, +1-202-555-0173, +49 (0)30 1234567, 0049 30 1234567 (00 + the code, a separator, ≥ 10 digits);
   North-American numbers (555) 123-4567, 202-555-0173, 202.555.0173, 1-800-273-8255 (area code 2-9; with
   dashes/dots the exchange too, so 123-456-7890 is not one); national numbers with a trunk 0
   (020 7946 0958) only right after a phone word (Tel, Phone, Fax, Mobile, call us on ...).
@@ -273,7 +273,8 @@ def card_brand_ok(digits: str) -> bool:
     return False
 
 
-_GROUP_BEFORE = re.compile(r"(?<![A-Za-z0-9])(?=[A-Z]*[0-9])[A-Z0-9]{1,4}\Z")  # "PL43", "12"
+# a digit group or an IBAN head before the card's first group: it is part of a longer grouped number
+_GROUP_BEFORE = re.compile(r"(?:(?<![A-Za-z0-9])[A-Z]{2}\d\d(?:[ -][A-Z0-9]{4})*|(?<![A-Za-z0-9])\d{1,4})\Z")
 
 
 def _cards(text: str):
@@ -284,7 +285,7 @@ def _cards(text: str):
                 or (after[:1] in ".,/-" and after[1:2].isdigit())):
             continue
         sep = m.group(1) or m.group(2)
-        if sep and ((before == sep and _GROUP_BEFORE.search(text, max(0, s - 6), s - 1))
+        if sep and ((before == sep and _GROUP_BEFORE.search(text, max(0, s - 40), s - 1))
                     or (after[:1] == sep and after[1:2].isdigit())):
             continue  # the grouping goes on: part of a longer grouped number ("PL43 1234 ... 9701 8257")
         digits = m.group(0).replace(" ", "").replace("-", "")
@@ -402,10 +403,12 @@ def _trim(raw: str, max_digits: int) -> str:
 
 def _clear(text: str, s: int, e: int, bad_before: str) -> bool:
     """Nothing glued to the candidate: no word character or ``bad_before`` before it, no word character or
-    decimal part (``.5``, ``,5``) after it."""
+    decimal part (``.5``, ``,5``) after it, no digit group right before it (it would be the tail of a longer
+    number)."""
     before, after = text[s - 1:s], text[e:e + 2]
     return not (before.isalnum() or before == "_" or (before and before in bad_before) or after[:1].isalnum()
-                or after[:1] == "_" or (after[:1] in ".,-" and after[1:2].isdigit()))
+                or after[:1] == "_" or (after[:1] in ".,-" and after[1:2].isdigit())
+                or (before in (" ", "-", ".") and text[s - 2:s - 1].isdigit()))  # "2303 0064 4712 6934": digit groups
 
 
 def _phones(text: str):
@@ -422,6 +425,8 @@ def _phones(text: str):
                 if head is None or head.group(1) not in CALLING_CODES:
                     continue
                 raw = raw[2:]
+                if len(_digits(raw)) < 10:  # "007-857-7681" is no call from abroad: code + number ≥ 10 digits
+                    continue
             digits = _digits(raw.replace("(0)", ""))
             if _intl_ok(digits) and _clear(text, s, e, "+=*/^-.&|<>"):
                 yield s, e

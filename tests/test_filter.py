@@ -175,8 +175,9 @@ def test_removals_add_up_and_survivors_pass(tmp_path, docs):
     assert c["documents_in"] == len(docs) == c["documents_out"] + sum(c["removed"].values())
     assert 0 < c["documents_out"] < len(docs) and c["removed"]["gopher_repetition"] >= 1
     assert c["removed"]["language"] >= 10  # the benchmark has pt/ru/de/ko/ja/it/id articles
+    assert c["removed_reasons"] == m["metrics"]["reasons"]
     for k, n in c["removed"].items():  # reasons add up to the removals of each filter
-        assert sum(m["metrics"]["reasons"][k].values()) == n
+        assert sum(c["removed_reasons"][k].values()) == n
     out = stage_docs(str(tmp_path), "filter")
     kept = {d["id"] for d in out}
     assert "repeated-paragraph" not in kept

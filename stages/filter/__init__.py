@@ -4,11 +4,13 @@ Order: language (stages/filter/language.py) → url → gopher_repetition → go
 fineweb_quality (stages/filter/heuristics.py: datatrove's filters, each switchable and parameterized in the
 profile) → PII (datatrove's PIIFormatter: email addresses and public IP addresses). The filters run in one
 block (``FilterChain``) that picks per-domain thresholds (``filter.per_domain``) and records, per filter:
-documents removed (``counts.removed``), the filter's own reasons (``metrics.reasons``), whitespace words and
-UTF-8 bytes removed (``counts.removed_words`` / ``removed_bytes``), estimated tokens removed
-(``counts.removed_tokens_est`` = bytes / 4, the usual ~4 bytes per BPE token of English web text; no
-tokenizer exists yet at this stage of the DAG), and a deterministic sample of removed documents in
-``removed_samples.jsonl.gz`` (filter, reason, id, url, domain, language, words, bytes, first lines).
+documents removed (``counts.removed``), the filter's own reasons (``counts.removed_reasons``, also
+``metrics.reasons``), whitespace words and UTF-8 bytes removed (``counts.removed_words`` / ``removed_bytes``),
+estimated tokens removed (``counts.removed_tokens_est`` = bytes / 4, the usual ~4 bytes per BPE token of
+English web text; no tokenizer exists yet at this stage of the DAG), bytes C4 cut from kept documents with
+``remove_lines`` (``metrics.bytes_cut``), seconds per filter (``metrics.seconds``), and a deterministic sample
+of removed documents in ``removed_samples.jsonl.gz`` (filter, reason, id, url, domain, language, words, bytes,
+first lines with email / public IP addresses replaced).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def chain_counts(chain_stats: dict, keys: list[str]) -> tuple[dict, dict]:
     nbytes = {k: int(g(f"{k}/bytes")) for k in keys}
     reasons = {k: {s[len(k) + 8:]: int(v) for s, v in sorted(chain_stats.items()) if s.startswith(f"{k}/reason/")}
                for k in keys}
-    counts = {"removed": removed, "removed_words": words, "removed_bytes": nbytes,
+    counts = {"removed": removed, "removed_reasons": reasons, "removed_words": words, "removed_bytes": nbytes,
               "removed_tokens_est": {k: round(v / 4) for k, v in nbytes.items()},
               "domain_overridden": int(g("domain_overridden"))}
     metrics = {"reasons": reasons, "seconds": {k: round(float(g(f"{k}/seconds")), 3) for k in keys},

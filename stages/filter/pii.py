@@ -42,8 +42,14 @@ Placeholders (``PLACEHOLDERS``) and what is detected:
   (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_), Slack tokens (xox?-), Stripe live keys, Google API keys (AIza).
 
 Overlaps: kinds claim text in the order secret, email, iban, credit_card, ssn, ip, phone; a later kind's
-match that overlaps an earlier claim is dropped (an IBAN is not also a phone). Measured on labelled real text
-and on the sample crawl in bench/bench_pii.py.
+match that overlaps an earlier claim is dropped (an IBAN is not also a phone).
+
+Measured (bench/bench_pii.py): precision and recall 1.000 for every kind on 600 real paragraphs with ~170
+planted values per kind and 906 must-not-redact strings (0 replaced); on the 2,391 pages of the sample crawl
+77 pages change, all at real e-mail addresses, public IPs or phone numbers (datatrove's PIIFormatter: 168
+pages, mostly section numbers taken for IPs). Left out by design: formats listed above as not detected
+(spaced or national numbers without a phone word, undashed SSNs, unlabelled AWS secrets, lower-case IBANs,
+obfuscated e-mails); non-English phone words.
 
 Speed: Python's ``re`` scans fast only for a literal first character (a pattern led by ``\d`` or a
 lookbehind costs ~10-25 ns per character of every document). So most kinds are found from a literal seed and

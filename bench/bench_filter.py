@@ -12,15 +12,17 @@ Timed on the same input and cores (2 tasks, 2 worker processes), from the first 
   filter loads 4.56 M blocklisted domains per worker (~4 s).
 - Kiln, web defaults (``filter: {}``: FineWeb's settings, language + URL on, regex words).
 - Kiln, same settings as datatrove's chain (spaCy words, C4 ``remove_lines``, language/URL/PII off): must keep
-  exactly the documents datatrove keeps (``filter.same_as_datatrove``: 1 = identical id sets).
+  exactly the documents datatrove keeps (``filter.same_as_datatrove``: 1 = identical id sets); and with
+  Gopher quality alone (what it removes without the other filters; not timed against anything).
 Per-filter removals (documents, words, bytes) are printed for the web defaults and the tiny profile.
 
 Measured 2026-11-30 on the 2 shared cores (other jobs running, load ~3), 2,382 documents:
 datatrove's chain 29.5 docs/s (80.7 s), keeps 837; Kiln with the same settings 30.4 docs/s, the same 837
 documents (spaCy dominates both); Kiln web defaults 110.5 docs/s, keeps 705; Kiln tiny profile 88.6 docs/s,
 keeps 1,372. The issue measured datatrove's chain at 41 s, keeping 602 of 2,386, on another extraction
-(trafilatura, datatrove defaults); on Kiln's resiliparse text Gopher quality removes 939 (829 below the
-alphabetic-words threshold: code), web defaults 790 after language and repetition.
+(trafilatura, datatrove defaults). On Kiln's resiliparse text Gopher quality alone removes 1,219 (1,028 below
+the alphabetic-words threshold: code; 34 s with spaCy), 939 within the chain, 790 with web defaults (after
+language and repetition).
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ def run() -> dict:
     same = {"filter.word_tokenizer": "spacy", "filter.c4_quality.remove_lines": True,
             "filter.language.enabled": False, "filter.url.enabled": False, "filter.pii.enabled": False}
     eq_s, eq_m, eq_kept = run_kiln({"filter": {}, **same}, "as-datatrove")
+    alone = {f"filter.{k}.enabled": False for k in HEURISTICS if k != "gopher_quality"}
+    _, gq_m, _ = run_kiln({"filter": {}, **same, **alone}, "gopher-quality-alone")
 
     figures.update({
         "filter.datatrove.docs_per_s": fig(round(n / dt_s, 1), "docs/s", "datatrove stock chain (4 filters, spaCy words), 2 workers"),
@@ -133,6 +137,8 @@ def run() -> dict:
         "filter.kiln_web.docs_per_s": fig(round(n / web_s, 1), "docs/s", "Kiln filter stage, web defaults, 2 workers"),
         "filter.kiln_web.kept": fig(web_m["counts"]["documents_out"], "docs", "documents kept by Kiln, web defaults"),
         "filter.kiln_as_datatrove.docs_per_s": fig(round(n / eq_s, 1), "docs/s", "Kiln filter stage with datatrove's chain settings (spaCy), 2 workers"),
+        "filter.gopher_quality_alone.removed": fig(gq_m["counts"]["removed"]["gopher_quality"], "docs",
+                                                   "removed by Gopher quality alone (stock settings, spaCy words)"),
         "filter.same_as_datatrove": fig(int(eq_kept == dt_kept), "bool", "Kiln with datatrove's settings keeps exactly datatrove's documents"),
     })
     for label, m in (("web", web_m), ("tiny", tiny_m)):
@@ -146,6 +152,7 @@ def run() -> dict:
     print(f"Kiln filter stage, web defaults: {n / web_s:6.1f} docs/s ({web_s:.1f} s), kept {web_m['counts']['documents_out']:,}")
     print(f"Kiln filter stage, tiny profile: {n / tiny_s:6.1f} docs/s ({tiny_s:.1f} s), kept {len(tiny_kept):,}")
     print(removal_table("datatrove's settings in Kiln (spaCy, C4 removes lines)", eq_m))
+    print(removal_table("Gopher quality alone (stock settings, spaCy words)", gq_m))
     print(removal_table("web defaults (FineWeb settings, regex words)", web_m))
     print(removal_table("tiny profile", tiny_m))
     for k, v in figures.items():

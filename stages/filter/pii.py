@@ -63,6 +63,7 @@ PIIFormatter (which does emails and IPv4 only).
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 
@@ -470,7 +471,8 @@ def find_pii(text: str, cfg: PIIConfig) -> list[tuple[int, int, str]]:
     if not cfg.enabled or not text:
         return []
     digit = _HAS_DIGIT.search(text) is not None
-    claimed: list[tuple[int, int, str]] = []
+    claimed: list[tuple[int, int, str]] = []  # sorted by start
+    starts: list[int] = []
     for kind in ORDER:
         if not getattr(cfg, _SWITCH[kind]):
             continue
@@ -490,10 +492,12 @@ def find_pii(text: str, cfg: PIIConfig) -> list[tuple[int, int, str]]:
             found = [*_ipv4(text, cfg.only_public_ips), *_ipv6(text, cfg.only_public_ips)]
         else:
             found = _phones(text)
-        for s, e in found:
-            if not any(s < ce and cs < e for cs, ce, _ in claimed):
-                claimed.append((s, e, kind))
-    claimed.sort()
+        for s, e in found:  # claimed spans do not overlap: sorted by start, they are sorted by end too
+            i = bisect.bisect_right(starts, s)
+            if (i and claimed[i - 1][1] > s) or (i < len(claimed) and claimed[i][0] < e):
+                continue
+            starts.insert(i, s)
+            claimed.insert(i, (s, e, kind))
     return claimed
 
 

@@ -91,6 +91,15 @@ def test_label_stays_only_the_secret_goes():
     assert out == "aws_secret_access_key = <SECRET>\nAuthorization: Bearer <SECRET>"
 
 
+def test_pem_blocks_encrypted_and_truncated(articles):
+    enc = PEM.replace("-----\n", "-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17F5316E2BAC89\n\n", 1)
+    out, counts = redact(f"Key:\n{enc}\nDone.", PIIConfig())
+    assert out == "Key:\n<SECRET>\nDone." and counts["secret"] == 1
+    cut = PEM.rsplit("\n", 2)[0]  # no END line: the prose after the key stays
+    text = f"{cut}\n{articles[0]}"
+    assert redact(text, PIIConfig())[0] == f"<SECRET>\n{articles[0]}"
+
+
 def test_must_not_redact_strings_stay_in_real_text(articles):
     for art in articles[:10]:
         text = plant(art, [("", v, "{v}") for v in UNTOUCHED])

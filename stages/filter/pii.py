@@ -58,7 +58,7 @@ extended: ``@`` (emails), ``:x:`` (IPv6), ``.d.d.`` (IPv4), ``-dd-dddd`` (SSNs),
 secrets run only when their literal (``PRIVATE KEY-----``, ``gh``, ``earer``, ...) is in the text; boundary
 checks happen in Python on candidates only. Cards (``dddd...``) and IBANs (``AAdd``) are the two class-led
 scans left. Measured on the 2,391 crawl pages (bench/bench_pii.py): ~2x the docs/s of datatrove's
-PIIFormatter (which does emails and IPv4 only).
+PIIFormatter (1.6-3.4x with the load of the shared machine; datatrove does emails and IPv4 only).
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ _SWITCH = {"email": "emails", "phone": "phones", "ip": "ips", "credit_card": "cr
 # ---------------------------------------------------------------------------------------------------------
 # secrets: each pattern starts with a literal or runs only when its literal is in the text
 
-_PEM = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"
-                  r"(?P<body>(?:\s*(?:[A-Za-z][\w-]*:[^\n]*|[A-Za-z0-9+/=]{4,}))*)"  # header lines, base64
-                  r"(?:\s*-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?")
+_PEM = re.compile(  # whole lines of base64 or PEM headers (a blank line only before more base64), then END;
+    # without END the block stops at the first line that is not base64 (prose after a truncated key stays)
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?P<body>(?:\r?\n[ \t]*(?:(?:Proc-Type|DEK-Info|Comment):[^\n]*"
+    r"|[A-Za-z0-9+/=]+|(?=\r?\n[ \t]*[A-Za-z0-9+/=]{16,}))[ \t]*(?=\r?\n|\Z))*)"
+    r"(?:\s*-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?")
 _B64 = re.compile(r"[A-Za-z0-9+/=]{4,}")
 _TOKENS = (  # (literals one of which must be in the text, or () when the pattern starts with a literal: re
     # scans for that as fast as str.find; a token must not continue a longer word)

@@ -248,3 +248,47 @@ def test_block_in_a_datatrove_pipeline(trained, crawl):
     assert st["kept"] == res["report"]["keep"]["kept"] and st["kept"] + st["dropped"] == len(crawl)
     out = stage_docs(ctx.root.uri.rsplit("/", 1)[0], "filter")
     assert len(out) == st["kept"] and all(d["metadata"]["quality_score"] >= res["cutoff"] for d in out)
+
+
+def test_filter_stage_trains_on_heuristic_survivors_and_counts_quality(crawl, tmp_path):
+    """The filter stage with the classifier on: heuristics first, the classifier trained on their survivors
+    (negatives and top-percent pool), then scoring, PII and the output; removals counted under "quality" with
+    samples; the model and report are outputs; a changed reference corpus changes the stage's fingerprint."""
+    import gzip
+    import json
+    import shutil
+
+    from stages.core.runner import stage_fingerprint
+
+    storage = str(tmp_path / "st")
+    seed_stage(storage, "run1", "dedup", crawl)
+    over = {"run.workers": 1, "filter.url.enabled": False, "filter.quality.enabled": True,
+            "filter.quality.keep": "top_percent", "filter.quality.top_percent": 50}
+    m = run_stage("filter", load_tiny(tmp_path, over), storage, "run1")
+    c = m["counts"]
+    heuristics = sum(v for k, v in c["removed"].items() if k != "quality")
+    pool = len(crawl) - heuristics
+    assert c["quality"]["quality_upstream_kept"] == c["documents_out"] and abs(c["documents_out"] - pool / 2) <= 1
+    assert c["removed"]["quality"] == pool - c["documents_out"] and c["removed_reasons"]["quality"] == {
+        "below_cutoff": c["removed"]["quality"]}
+    assert c["documents_in"] == len(crawl) == c["documents_out"] + sum(c["removed"].values())
+    outs = {o["path"] for o in m["outputs"]}
+    assert {"quality/model.bin", "quality/report.json", "removed_samples.jsonl.gz"} <= outs
+    assert not any(p.startswith("heuristics_pass") for p in outs)
+    st = tmp_path / "st" / "run1" / "filter"
+    rep = json.loads((st / "quality" / "report.json").read_text())
+    assert rep["negatives"]["pool"] == pool  # trained and ranked on the heuristics' survivors only
+    rows = [json.loads(x) for x in gzip.decompress((st / "removed_samples.jsonl.gz").read_bytes()).splitlines()]
+    assert {r["filter"] for r in rows} >= {"quality"}
+    kept = [json.loads(x) for f in sorted((st / "data").glob("*.jsonl.gz")) for x in gzip.open(f)]
+    assert all(d["metadata"]["quality_score"] >= c["quality"]["quality_cutoff"] for d in kept)
+
+    # the fingerprint follows the reference corpus' content, not only its path
+    cfg = load_tiny(tmp_path, over)
+    ref = tmp_path / "ref.json"
+    shutil.copy(SHARED / "extraction-benchmark" / "ground-truth.json", ref)
+    cfg = load_tiny(tmp_path, {**over, "filter.quality.positives.paths": [str(ref)]})
+    inputs = {"dedup": {"x": 1}}
+    before = stage_fingerprint(cfg, "filter", inputs)
+    ref.write_text(ref.read_text().replace("the", "a", 1))
+    assert stage_fingerprint(cfg, "filter", inputs) != before

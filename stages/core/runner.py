@@ -96,11 +96,15 @@ def manifest_hash(m: dict) -> str:
 
 
 def stage_fingerprint(cfg, stage: str, inputs: dict[str, dict]) -> str:
+    """Hash of what a stage's output depends on: its config, the seed, its inputs' manifests, and the content of
+    files outside the DAG it reads (a stage module's optional ``external_inputs(section, cfg) -> dict``)."""
+    external = getattr(stage_module(stage), "external_inputs", None)
     return fingerprint({
         "stage": stage,
         "config": getattr(cfg, stage).model_dump(mode="json"),
         "seed": cfg.run.seed,
         "inputs": {k: manifest_hash(v) for k, v in sorted(inputs.items())},
+        **({"external": external(getattr(cfg, stage), cfg)} if external else {}),
     })
 
 

@@ -1,8 +1,12 @@
-"""filter: drop documents by language, URL and datatrove's heuristic filters; then redact emails and IPs.
+"""filter: drop documents by language, URL, datatrove's heuristic filters and a quality classifier; redact PII.
 
 Order: language (stages/filter/language.py) → url → gopher_repetition → gopher_quality → c4_quality →
 fineweb_quality (stages/filter/heuristics.py: datatrove's filters, each switchable and parameterized in the
-profile) → PII (datatrove's PIIFormatter: email addresses and public IP addresses). The filters run in one
+profile) → quality (stages/filter/quality.py: a fastText classifier trained in this stage on the documents the
+heuristics kept, so its negatives and its top-percent pool are the documents it will judge; two passes, the
+first one's survivors in a scratch folder of the stage removed at the end) → PII (stages/filter/pii.py: typed
+placeholders for emails, phones, IPs, cards, IBANs, SSNs, secrets; counts per kind in ``counts.redacted``).
+The heuristic filters run in one
 block (``FilterChain``) that picks per-domain thresholds (``filter.per_domain``) and records, per filter:
 documents removed (``counts.removed``), the filter's own reasons (``counts.removed_reasons``, also
 ``metrics.reasons``), whitespace words and UTF-8 bytes removed (``counts.removed_words`` / ``removed_bytes``),
@@ -15,6 +19,7 @@ first lines with email / public IP addresses replaced).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -24,17 +29,13 @@ from stages.core.runner import StageContext, StageError, StageResult
 from stages.filter.heuristics import (C4Quality, FineWebQuality, GopherQuality, GopherRepetition, URL,  # noqa: F401
                                       build_heuristic, fast_word_tokenizer, merge_samples, shared_word_tokenizer)
 from stages.filter.language import Language, build_language_filter
+from stages.filter.pii import PIIConfig
+from stages.filter.quality import QualityConfig
 
 ORDER = ("language", "url", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
 SAMPLES = "removed_samples.jsonl.gz"
 _TASK_SAMPLES = "removed_samples_tasks"
-
-
-class PII(Strict):
-    enabled: bool = True
-    emails: bool = True
-    ips: bool = True
-    only_public_ips: bool = True  # private/loopback addresses (192.168.x.x, 127.0.0.1) are not personal data
+_PASS1 = "heuristics_pass"  # scratch: documents that passed the heuristics (quality classifier on)
 
 
 class Config(Strict):
@@ -54,7 +55,9 @@ class Config(Strict):
     per_domain: dict[str, dict[str, dict[str, Any]]] = {}
     samples_per_filter: int = Field(20, ge=0)  # removed documents kept per filter in removed_samples.jsonl.gz
     sample_lines: int = Field(5, ge=1)  # first lines of each sampled document (at most 600 characters)
-    pii: PII = PII()
+    # fastText quality classifier trained in the run (stages/filter/quality.py); after the heuristics
+    quality: QualityConfig = QualityConfig()
+    pii: PIIConfig = PIIConfig()  # typed-placeholder redaction of the survivors (stages/filter/pii.py)
     min_documents_out: int = Field(1, ge=1)  # fewer survivors is an error naming the filter that removed most
 
     @model_validator(mode="after")
@@ -121,37 +124,6 @@ def chain_keys(filters: list, per_domain: dict[str, list]) -> list[str]:
     return sorted(seen, key=rank.get)
 
 
-def _pii_cls():
-    from datatrove.pipeline.formatters import PIIFormatter
-
-    class CountingPII(PIIFormatter):
-        """PIIFormatter that counts the documents whose emails / IPs it replaced."""
-
-        name = "📞 PII redaction"
-
-        def run(self, data, rank: int = 0, world_size: int = 1):
-            for doc in data:
-                self.stat_update("total")
-                with self.track_time():
-                    text = doc.text
-                    if self.remove_emails:
-                        new = self.emails_replacer.replace(text)
-                        if new != text:
-                            self.stat_update("redacted_emails")
-                        text = new
-                    if self.remove_ips:
-                        new = self.ip_replacer.replace(text)
-                        if new != text:
-                            self.stat_update("redacted_ips")
-                        text = new
-                    if text != doc.text:
-                        self.stat_update("redacted")
-                        doc.text = text
-                yield doc
-
-    return CountingPII
-
-
 def chain_counts(chain_stats: dict, keys: list[str]) -> tuple[dict, dict]:
     """(counts, metrics) of the filter chain's block stats for filter ``keys``."""
     g = lambda k: chain_stats.get(k, 0)  # noqa: E731
@@ -168,34 +140,66 @@ def chain_counts(chain_stats: dict, keys: list[str]) -> tuple[dict, dict]:
     return counts, metrics
 
 
+def external_inputs(cfg: Config, _kiln_cfg) -> dict:
+    """Files outside the DAG this stage reads, by content (part of its fingerprint): the quality reference corpus."""
+    if not cfg.quality.enabled:
+        return {}
+    from stages.filter.quality import reference_fingerprint
+
+    return {"quality_positives": reference_fingerprint(cfg.quality.positives, _kiln_cfg)}
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
     from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
     from stages.filter.heuristics import _chain_cls
+    from stages.filter.pii import pii_block, pii_counts
+    from stages.filter.quality import QualityFilter, train_quality
 
     filters, per_domain = build_chain(cfg)
-    # [quality classifier] a datatrove filter (``filter(doc) -> bool | (bool, reason)``) joins the chain after
-    # fineweb_quality, counted and sampled like the others:
-    #     add_filter(filters, per_domain, "quality", quality_block(cfg, model_path, cutoff))
     keys = chain_keys(filters, per_domain)
     ctx.out.rm(_TASK_SAMPLES)
-    chain = _chain_cls()(filters, per_domain, ctx.out.datafolder(_TASK_SAMPLES), cfg.samples_per_filter,
-                         cfg.sample_lines)  # sample heads: emails / public IPs always replaced
-    steps = [upstream_reader(ctx, "dedup"), chain]
-    # [PII] pii_block(cfg) replaces the _pii_cls() step below (and the "📞 PII redaction" stats read after the run)
-    if cfg.pii.enabled:
-        steps.append(_pii_cls()(remove_emails=cfg.pii.emails, remove_ips=cfg.pii.ips,
-                                only_remove_public_ips=cfg.pii.only_public_ips))
-    blocks = run_pipeline(ctx, steps + output_steps(ctx), name="filter")
+    Chain = _chain_cls()
+    chain = Chain(filters, per_domain, ctx.out.datafolder(f"{_TASK_SAMPLES}/heuristics"), cfg.samples_per_filter,
+                  cfg.sample_lines)  # sample heads: PII always replaced
+    pii = [pii_block(cfg.pii)] if cfg.pii.enabled else []
+    quality_counts, quality_outputs, qchain = {}, [], None
+    if not cfg.quality.enabled:
+        blocks = run_pipeline(ctx, [upstream_reader(ctx, "dedup"), chain, *pii, *output_steps(ctx)], name="filter")
+        chain_stats = block_stats(blocks, chain.name)
+    else:
+        # two passes: the heuristics' survivors (scratch in the stage's folder) are the pool the classifier is
+        # trained on (negatives) and ranked in (top_percent); then scoring, PII and the output
+        pass1 = run_pipeline(ctx, [upstream_reader(ctx, "dedup"), chain,
+                                   JsonlWriter(ctx.out.datafolder(_PASS1), output_filename="${rank}.jsonl.gz")],
+                             name="filter_heuristics")
+        chain_stats = block_stats(pass1, chain.name)
+        rels = ctx.out.list(_PASS1, suffix=".jsonl.gz")
+        q = train_quality(cfg.quality, ctx, source=(ctx.out, rels))
+        quality_counts, quality_outputs = q["counts"], q["outputs"]
+        qchain = Chain([("quality", QualityFilter(q["model_path"], q["cutoff"], cfg.quality.max_words))], {},
+                       ctx.out.datafolder(f"{_TASK_SAMPLES}/quality"), cfg.samples_per_filter, cfg.sample_lines)
+        paths_file = os.path.join(ctx.workdir, "pass1.txt")
+        with open(paths_file, "w") as f:
+            f.writelines(r[len(_PASS1) + 1:] + "\n" for r in rels)
+        reader = JsonlReader(ctx.out.datafolder(_PASS1), paths_file=paths_file)
+        blocks = run_pipeline(ctx, [reader, qchain, *pii, *output_steps(ctx)], name="filter_quality")
+        qstats = block_stats(blocks, qchain.name)
+        blocks = {**blocks, **{f"heuristics/{k}": v for k, v in pass1.items()}}
+        ctx.out.rm(_PASS1)
+        keys = [*keys, "quality"]
+        chain_stats = {**chain_stats, **{k: v for k, v in qstats.items() if k != "documents"}}
     task_files = [ctx.out.read_bytes(p) for p in ctx.out.list(_TASK_SAMPLES, suffix=".jsonl")]
     ctx.out.write_bytes(SAMPLES, merge_samples(task_files, keys, cfg.samples_per_filter))
     ctx.out.rm(_TASK_SAMPLES)
-    counts, metrics = chain_counts(block_stats(blocks, chain.name), keys)
-    pii = block_stats(blocks, "📞 PII redaction") if cfg.pii.enabled else {}
+    counts, metrics = chain_counts(chain_stats, keys)
     removed = counts.pop("removed")
-    result = data_result(ctx, blocks, int(block_stats(blocks, chain.name).get("documents", 0)), removed,
-                         extra_outputs=(SAMPLES,), metrics={"blocks": blocks, **metrics}, **counts,
-                         redacted={"documents": int(pii.get("redacted", 0)),
-                                   "emails": int(pii.get("redacted_emails", 0)), "ips": int(pii.get("redacted_ips", 0))})
+    redacted = pii_counts(block_stats(blocks, "📞 PII redaction")) if cfg.pii.enabled else {}
+    result = data_result(ctx, blocks, int(chain_stats.get("documents", 0)), removed,
+                         extra_outputs=(SAMPLES, *quality_outputs), metrics={"blocks": blocks, **metrics}, **counts,
+                         redacted=redacted, **({"quality": quality_counts} if quality_counts else {}))
     kept = result.counts["documents_out"]
     if 0 < kept < cfg.min_documents_out:
         worst = max(removed, key=removed.get) if removed else "none"

@@ -344,8 +344,7 @@ def _chain_cls():
         ``<key>/bytes``, ``<key>/seconds``, ``<key>/bytes_cut`` (lines a keeping filter removed: C4 with
         ``remove_lines``); ``documents`` in, ``domain_overridden`` documents. Removed samples of
         task ``rank`` go to ``samples_folder/<rank>.jsonl`` (see ``merge_samples``); with ``redact_heads`` their
-        first lines have email and public IP addresses replaced by ``<EMAIL>`` / ``<IP_ADDRESS>``
-        (datatrove's PIIFormatter patterns, fixed placeholders so that the artifact stays deterministic)."""
+        first lines have every PII kind replaced by its placeholder (``stages.filter.pii.redact``, all kinds on)."""
 
         name = "🔻 filter chain"
         type = "🔻 - FILTER"
@@ -353,7 +352,7 @@ def _chain_cls():
         def __init__(self, filters, per_domain=None, samples_folder=None, samples_per_filter: int = 20,
                      sample_lines: int = 5, sample_chars: int = 600, redact_heads: bool = True):
             super().__init__()
-            self.redact_heads, self._redactor = redact_heads, None
+            self.redact_heads = redact_heads
             self.filters, self.per_domain = filters, per_domain or {}
             self.samples_folder, self.samples_per_filter = samples_folder, samples_per_filter
             self.sample_lines, self.sample_chars = sample_lines, sample_chars
@@ -370,12 +369,10 @@ def _chain_cls():
         def _sample(self, key, reason, doc, words, nbytes) -> dict:
             md = doc.metadata
             head = "\n".join(doc.text.splitlines()[: self.sample_lines])[: self.sample_chars]
-            if self.redact_heads:  # removed documents never reach the PII step: no addresses in the artifact
-                if self._redactor is None:
-                    from datatrove.pipeline.formatters import PIIFormatter
+            if self.redact_heads:  # removed documents never reach the PII step: no personal data in the artifact
+                from stages.filter.pii import PIIConfig, redact
 
-                    self._redactor = PIIFormatter(email_replacement="<EMAIL>", ip_replacement="<IP_ADDRESS>")
-                head = self._redactor.format(head)
+                head = redact(head, PIIConfig())[0]
             return {"filter": key, "reason": reason, "id": doc.id, "url": md.get("url"), "domain": md.get("domain"),
                     "language": md.get("language"), "words": words, "bytes": nbytes, "head": head}
 

@@ -195,10 +195,20 @@ def read_reference(corpus: ReferenceCorpus, cfg_root) -> list[dict]:
     return out
 
 
-def iter_upstream(ctx: StageContext, upstream: str):
-    """(file, line number, document) of every document the upstream manifest lists (local or s3)."""
-    store = ctx.input(upstream)
-    for rel in ctx.input_files(upstream, prefix="data/", suffix=".jsonl.gz"):
+def reference_fingerprint(corpus: ReferenceCorpus, cfg_root) -> str:
+    """sha256 of the reference corpus as read (texts and urls): a changed file re-runs the stage."""
+    h = hashlib.sha256()
+    for d in read_reference(corpus, cfg_root):
+        h.update(json.dumps([d["id"], d["text"], d["url"]]).encode())
+    return h.hexdigest()
+
+
+def iter_upstream(ctx: StageContext, upstream: str, source=None):
+    """(file, line number, document) of every document the upstream manifest lists (local or s3), or of the
+    files of ``source`` = (Storage, [relative paths])."""
+    store, rels = source if source is not None else \
+        (ctx.input(upstream), ctx.input_files(upstream, prefix="data/", suffix=".jsonl.gz"))
+    for rel in rels:
         with store.open(rel) as raw, gzip.open(raw) as f:  # streamed: task files can be large
             for i, line in enumerate(f):
                 if line.strip():
@@ -287,7 +297,7 @@ def datatrove_prefilter(filters: list) -> Callable[[dict], bool]:
 
 
 def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup",
-                  prefilter: Callable[[dict], bool] | None = None) -> dict:
+                  prefilter: Callable[[dict], bool] | None = None, source=None) -> dict:
     """Train the classifier on the reference corpus vs a sample of ``upstream``'s documents, score every upstream
     document once (cutoff and report), write ``quality/model.bin`` and ``quality/report.json`` to ``ctx.out``.
 
@@ -296,6 +306,9 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
     when the quality block runs after them: negatives then come from the pool the classifier will actually see
     (DCLM's negatives are RefinedWeb, itself heuristically filtered) and top_percent means a share of that pool.
     Without it, short stubs and index pages that the heuristics drop anyway take part (and score high here).
+
+    ``source`` (optional): (Storage, [relative .jsonl.gz paths]) to read instead of ``upstream``'s manifest files,
+    e.g. the documents that passed the stage's heuristic filters.
 
     Returns {"model_path": local model file in ctx.workdir, "cutoff": float, "report": dict,
     "counts": headline numbers for the manifest, "outputs": [the two files]}."""
@@ -313,7 +326,7 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
     n_neg = max(1, round(len(pos) * cfg.negatives_per_positive))
     n_neg = min(n_neg, cfg.max_negatives or n_neg)
     rejected: set[str] = set()
-    for rel, i, doc in iter_upstream(ctx, upstream):
+    for rel, i, doc in iter_upstream(ctx, upstream, source):
         text = doc.get("text") or ""
         if not text.strip():
             continue
@@ -368,7 +381,7 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
             neg_in_domain[dom] = neg_in_domain.get(dom, 0) + (did in trained_neg)
         batch.clear()
 
-    for rel, i, doc in iter_upstream(ctx, upstream):
+    for rel, i, doc in iter_upstream(ctx, upstream, source):
         did = str(doc.get("id") or f"{rel}#{i}")
         if did in rejected:
             continue
@@ -468,6 +481,27 @@ def _quality_cls():
                 yield from self._scored(buf)
 
     return QualityScore
+
+
+class QualityFilter:
+    """The classifier as a filter of the stage's filter chain (``filter(doc) -> (keep, reason)``, like datatrove's
+    filters): sets ``metadata["quality_score"]``; below ``cutoff`` the document goes with reason ``below_cutoff``.
+    The fastText model is loaded once per worker process (not pickled)."""
+
+    def __init__(self, model_path: str, cutoff: float, max_words: int = 2000):
+        self.model_path, self.cutoff, self.max_words, self._model = model_path, float(cutoff), max_words, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_model": None}
+
+    def filter(self, doc) -> bool | tuple[bool, str]:
+        if self._model is None:
+            import fasttext
+
+            self._model = fasttext.load_model(self.model_path)
+        score = score_texts(self._model, [preprocess(doc.text or "", self.max_words)])[0]
+        doc.metadata["quality_score"] = score
+        return True if score >= self.cutoff else (False, "below_cutoff")
 
 
 def quality_block(cfg: QualityConfig, model_path: str, cutoff: float):

@@ -30,7 +30,7 @@ SPLITS = ("train", "validation")
 class Config(Strict):
     val_fraction: float = Field(0.05, ge=0, lt=1)  # of original documents (by hash of the base id)
     parquet_rows_per_group: int = Field(1024, ge=1)  # rows per Parquet row group (a streaming unit)
-    encode_batch: int = Field(1024, ge=1)  # documents per sentencepiece encode call
+    encode_batch: int = Field(256, ge=1)  # documents per sentencepiece call (the next one encodes meanwhile)
     encode_threads: int | None = Field(None, ge=1)  # per task; null: the cores / the tasks running at once
     # smaller inputs (MB of reweight's compressed data/) are one task in this process, encoding with every core:
     # a worker pool costs ~1-2 s to start, as much as encoding the 15 MB demo corpus
@@ -80,6 +80,8 @@ def _block():
             import os
             import shutil
             import tempfile
+            from collections import Counter
+            from concurrent.futures import ThreadPoolExecutor
 
             import sentencepiece as spm
 
@@ -95,21 +97,40 @@ def _block():
                 writers = {s: TokenShardWriter(os.path.join(tmp, f"{s}.bin"), os.path.join(tmp, f"{s}.idx"), vocab, eos)
                            for s in SPLITS}
                 data = iter(data or ())
-                while batch := list(itertools.islice(data, self.cfg.encode_batch)):
+                # encoding (sentencepiece threads, the GIL released) of batch k+1 overlaps the main thread's
+                # work on batch k: token shards, tags, and the downstream blocks (Tally, Parquet) it yields to
+                pool = ThreadPoolExecutor(1)
+                encode = lambda b: sp.encode([d.text for d in b], num_threads=self.cfg.encode_threads)  # noqa: E731
+                batch = list(itertools.islice(data, self.cfg.encode_batch))
+                pending = pool.submit(encode, batch) if batch else None
+                while batch:
+                    nxt = list(itertools.islice(data, self.cfg.encode_batch))
                     with self.track_time(unit="batch"):
-                        ids = sp.encode([d.text for d in batch], num_threads=self.cfg.encode_threads)
+                        ids = pending.result()
+                    pending = pool.submit(encode, nxt) if nxt else None
+                    seqs: dict[str, list] = {s: [] for s in SPLITS}
+                    counts: Counter = Counter()
+                    kept = []
                     for doc, seq in zip(batch, ids):
                         if not seq:
-                            self.stat_update("empty")
+                            counts["empty"] += 1
                             continue
                         split = split_of(doc.id, self.cfg.val_fraction)
-                        writers[split].add(seq)
+                        seqs[split].append(seq)
+                        kept.append(doc)
                         doc.metadata["split"], doc.metadata["n_tokens"] = split, len(seq)
-                        self.stat_update(f"docs_{split}")
-                        self.stat_update(f"tokens_{split}", value=len(seq) + 1)  # + EOS
+                        counts[f"docs_{split}"] += 1
+                        counts[f"tokens_{split}"] += len(seq) + 1  # + EOS
                         if self.domains is not None:
-                            self.stat_update(f"tokens:{domain_of(doc.metadata, self.domains)}", value=len(seq) + 1)
-                        yield doc
+                            counts[f"tokens:{domain_of(doc.metadata, self.domains)}"] += len(seq) + 1
+                    for split, batch_seqs in seqs.items():
+                        if batch_seqs:
+                            writers[split].add_many(batch_seqs)
+                    for key, n in counts.items():
+                        self.stat_update(key, value=n)
+                    yield from kept
+                    batch = nxt
+                pool.shutdown()
                 out = Storage(self.out_uri)
                 for split, w in writers.items():
                     if w.close()["documents"]:
@@ -137,7 +158,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         upstream_reader(ctx, "reweight", add_file_path=False),
         _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg.model_copy(update={"encode_threads": threads}),
                  ctx.cfg.reweight),
-        Tally(),
+        Tally(words=False),
         ParquetWriter(ctx.out.datafolder("parquet"), output_filename="${split}/${rank}.parquet",
                       compression="zstd", adapter=_parquet_row, batch_size=cfg.parquet_rows_per_group,
                       max_file_size=-1, schema=parquet_schema()),
@@ -171,7 +192,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                          "were encoded (a task's upload is missing)")
 
     counts = {"documents_in": docs_in, "documents_out": out["documents"], "bytes_out": out["bytes"],
-              "words_out": out["words"], "tokens_out": n["tokens_train"] + n["tokens_val"],
+              "tokens_out": n["tokens_train"] + n["tokens_val"],
               "tokens_train": n["tokens_train"], "tokens_val": n["tokens_val"],
               "docs_train": n["docs_train"], "docs_val": n["docs_val"], "removed": {"empty": n["empty"]}}
     first = (index["train"] or index["validation"])[0]

@@ -24,16 +24,17 @@ class Tally(PipelineStep):
     name = "tally"
     type = "📊 - STATS"
 
-    def __init__(self, label: str = "tally"):
+    def __init__(self, label: str = "tally", words: bool = True):
         super().__init__()
-        self.name = label
+        self.name, self.words = label, words
         self.stats = Stats(str(self))  # datatrove names the stats block in __init__, before our label
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
             self.stat_update("documents")
             self.stat_update("bytes", value=len(doc.text.encode("utf-8")))
-            self.stat_update("words", value=len(doc.text.split()))
+            if self.words:  # a split of every text: skipped where tokens are the measure (shard)
+                self.stat_update("words", value=len(doc.text.split()))
             yield doc
 
 

@@ -10,7 +10,8 @@ and split it writes
     zstd, one row group per ``parquet_rows_per_group`` documents).
 A split with no documents in a task writes no files. ``index.json`` lists every token shard with its
 header, for the trainer; ``mixture.json`` the realised mixture in real tokens per domain (under reweight's
-key) beside reweight's target shares, with reweight's mixture and its sha256: the lineage the train stage logs (byte-identical across
+key) beside reweight's target shares, with reweight's mixture and its sha256: the lineage the train stage
+logs (byte-identical across
 runs of the same input).
 """
 

@@ -10,7 +10,8 @@ byte fallback covers every other character. Same input, seed and config give ide
 Also exported as ``tokenizer.json`` for Hugging Face ``tokenizers`` (``Tokenizer.from_file``) and
 ``transformers`` (``PreTrainedTokenizerFast(tokenizer_file=...)``): the same ids, a BPE model whose merges are
 read off the vocabulary (a piece ``ab`` made of pieces ``a`` + ``b``, ranked by the id of ``ab``, which is
-sentencepiece's merge order), byte fallback, " " -> "▁", user-defined pieces as added tokens (matched in text, as sentencepiece does). The
+sentencepiece's merge order), byte fallback, " " -> "▁", user-defined pieces as added tokens (matched in
+text, as sentencepiece does). The
 stage checks the export: ``hf_agreement`` is the share of held-out documents whose HF ids equal
 sentencepiece's (1.0 on the sample crawl).
 

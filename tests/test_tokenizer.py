@@ -72,7 +72,8 @@ def test_hugging_face_export_and_per_domain_stats(tmp_path):
     hf = Tokenizer.from_str(st.read_bytes("tokenizer.json").decode())
     assert m["metrics"]["hf_agreement"] == 1.0
     code = (SHARED / "extraction-benchmark" / "ground-truth.json").read_text()[:20000]
-    texts = [d["text"] for d in docs[::7]] + [code, "  indented\n\tline\n\n  naïve café — 東京 🚀\r\n", "a<|sep|>b 2024", "literal <unk> and </s> in text"]
+    texts = [d["text"] for d in docs[::7]] + [code, "  indented\n\tline\n\n  naïve café — 東京 🚀\r\n",
+                                               "a<|sep|>b 2024", "literal <unk> and </s> in text"]
     for t in texts:
         assert hf.encode(t, add_special_tokens=False).ids == sp.encode(t)
         assert hf.decode(sp.encode(t)) == t

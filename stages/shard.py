@@ -11,8 +11,7 @@ and split it writes
 A split with no documents in a task writes no files. ``index.json`` lists every token shard with its
 header, for the trainer; ``mixture.json`` the realised mixture in real tokens per domain (under reweight's
 key) beside reweight's target shares, with reweight's mixture and its sha256: the lineage the train stage
-logs (byte-identical across
-runs of the same input).
+logs (byte-identical across runs of the same input).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     kiln stage NAME --config configs/tiny.yaml [--run-id ID] [--storage URI] [--set key=value ...]
     kiln run --config configs/tiny.yaml [--run-id ID] [--storage URI] [--stages a,b] [--set key=value ...]
     kiln summary --config configs/tiny.yaml [--run-id ID] [--storage URI]
+    kiln plan [--compute FLOPS | --params N] --config configs/tiny.yaml [--run-id ID] [--storage URI]
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     sm = sub.add_parser("summary", help="print what every stage of a run did")
     common(sm)
+    pl = sub.add_parser("plan", help="Chinchilla: compute-optimal params and tokens vs the run's dataset")
+    common(pl)
+    g = pl.add_mutually_exclusive_group()
+    g.add_argument("--compute", type=float, default=None, help="training budget in FLOPs, e.g. 1e18")
+    g.add_argument("--params", type=float, default=None, help="model parameters, e.g. 124e6")
     return p
 
 
@@ -85,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"kiln: flow run failed: {state.message}", file=sys.stderr)
                 return EXIT_FAILED
             print(summary.render(state.result()))
+        elif args.cmd == "plan":
+            from stages.core.runner import read_manifest
+            from stages.core.storage import Storage
+            from stages.train.plan import plan, render
+
+            if (args.compute is not None and args.compute <= 0) or (args.params is not None and args.params <= 0):
+                raise ConfigError("kiln plan: --compute and --params must be > 0")
+            root = Storage(uri).sub(rid)
+            p = plan(cfg, args.compute, args.params, read_manifest(root, "shard"), read_manifest(root, "tokenizer"))
+            print(render(p, f"{root.url()}/shard"))
         else:
             print(summary.render(summary.collect(uri, rid)))
     except ConfigError as e:

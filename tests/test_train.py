@@ -181,3 +181,24 @@ def test_interrupt_stops_torchrun_and_ranks(upstream, monkeypatch):
     with pytest.raises(ProcessLookupError):
         os.killpg(started[0][0], 0)  # torchrun's group is gone
     assert _ranks_of(started[0][1]) == []  # and so are the ranks (each in a group of its own)
+
+
+def test_model_and_schedule_options_through_torchrun(upstream):
+    """QK-norm, an untied head, the WSD schedule and activation checkpointing in a real 2-rank run; the final
+    model reloads (weights_only) with its options and the learning rate followed WSD."""
+    import json
+
+    from stages.train.checkpoint import load_model
+
+    storage, _ = upstream
+    _clone(storage, "run1", "opts", ("tokenizer", "shard"))
+    over = {**SMALL, "train.nproc": 2, "train.steps": 12, "train.checkpoint_every": 0, "train.model.qk_norm": True,
+            "train.model.tie_embeddings": False, "train.schedule": "wsd", "train.decay_fraction": 0.25,
+            "train.activation_checkpointing": True}
+    m = run_stage("train", load_tiny(None, over), storage, "opts")
+    model, _ = load_model(Storage(storage).sub("opts", "train"), "final")
+    assert model.cfg.qk_norm and not model.cfg.tie_embeddings and model.head.weight is not model.embed.weight
+    rows = [json.loads(x) for x in Storage(storage).sub("opts", "train").read_bytes("metrics.jsonl").splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert lrs and all(v == pytest.approx(1e-2) for s, v in lrs.items() if 5 <= s < 9)  # stable phase
+    assert m["counts"]["steps"] == 12 and min(lrs.values()) < 1e-2

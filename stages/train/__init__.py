@@ -40,6 +40,8 @@ class ModelConfig(Strict):
     ffn_mult: float = Field(8 / 3, gt=0)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    qk_norm: bool = False  # RMSNorm on queries and keys per head
+    tie_embeddings: bool = True  # output head = token embedding
 
 
 class Config(Strict):
@@ -55,6 +57,9 @@ class Config(Strict):
     micro_batch: int = Field(8, ge=1)  # sequences per forward pass per rank (accumulation fills the rest)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "wsd"] = "cosine"  # after warmup: cosine decay, or warmup-stable-decay
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: the last share of steps that decays linearly
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     warmup_steps: int = Field(20, ge=1)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)

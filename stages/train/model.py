@@ -1,5 +1,5 @@
-"""A compact GPT decoder (nanoGPT-style): token embedding, RoPE, RMSNorm, SwiGLU MLP, causal SDPA,
-embedding tied to the output head. Pure model code: no distribution, no I/O.
+"""A compact GPT decoder (nanoGPT-style): token embedding, RoPE, RMSNorm, SwiGLU MLP, causal SDPA, optional
+QK-norm, embedding tied to the output head (optional). Pure model code: no distribution, no I/O.
 
 Shapes: B batch, T sequence, C d_model, H heads, D head dim (C = H * D), V vocabulary.
 """
@@ -24,6 +24,8 @@ class GPTConfig:
     ffn_mult: float = 8 / 3  # SwiGLU hidden = ffn_mult * d_model, rounded up to a multiple of 32
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (before RoPE): steadier attention logits
+    tie_embeddings: bool = True  # output head shares the token embedding
 
     @property
     def ffn_hidden(self) -> int:
@@ -58,12 +60,15 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        hd = cfg.d_model // cfg.n_heads
+        self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -100,7 +105,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -129,7 +135,7 @@ class GPT(nn.Module):
         return logits, loss.view_as(targets) if reduction == "none" else loss
 
     def num_params(self) -> int:
-        """Parameters counted once (the tied head is the embedding)."""
+        """Parameters counted once (a tied head is the embedding)."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> int:

@@ -48,6 +48,17 @@ def device(kind: str, d: Dist) -> torch.device:
     return torch.device("cpu")
 
 
+def checkpoint_activations(model: nn.Module) -> nn.Module:
+    """Activation checkpointing per transformer block (torchtitan's way: each ``model.blocks[i]`` wrapped, no
+    reentrant autograd): the block's activations are recomputed in backward instead of stored. In place; state
+    dict keys are unchanged (the wrapper strips its prefix)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return model
+
+
 def parallelize(model: nn.Module, d: Dist, strategy: str = "ddp", dev: torch.device | None = None) -> nn.Module:
     """Wrap the model for data parallelism. One rank: the model as is."""
     if d.world == 1:

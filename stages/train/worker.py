@@ -25,12 +25,20 @@ from stages.train.model import GPT, GPTConfig
 
 
 def lr_at(step: int, t: dict) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
-    lr, warm, total = t["lr"], t["warmup_steps"], t["steps"]
+    """Linear warmup to ``lr`` over ``warmup_steps``, then ``schedule``: ``cosine`` decay to ``lr * min_lr_ratio``
+    at the last step, or ``wsd`` (warmup-stable-decay): ``lr`` until the last ``decay_fraction`` of the steps,
+    then linear decay to ``lr * min_lr_ratio``."""
+    lr, warm, total, floor = t["lr"], t["warmup_steps"], t["steps"], t["min_lr_ratio"]
     if step < warm:
         return lr * (step + 1) / warm
+    if t.get("schedule", "cosine") == "wsd":
+        decay = max(1, round(t.get("decay_fraction", 0.2) * total))
+        start = max(warm, total - decay)
+        if step < start:
+            return lr
+        return lr * (1 - (1 - floor) * min(1.0, (step - start + 1) / max(1, total - start)))
     progress = min(1.0, (step - warm) / max(1, total - warm))
-    return lr * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def build_optimizer(model: torch.nn.Module, t: dict) -> torch.optim.AdamW:
@@ -61,6 +69,8 @@ def train(spec: dict) -> None:
     device = parallel.device(t["device"], d)
     model = GPT(gcfg).to(device)
     n_params, flops_tok = model.num_params(), model.flops_per_token()
+    if t.get("activation_checkpointing"):
+        parallel.checkpoint_activations(model)
     dmodel = parallel.parallelize(model, d, t["strategy"], device)
     opt = build_optimizer(model, t)
     out = Storage(spec["out_uri"])

@@ -202,3 +202,8 @@ def test_model_and_schedule_options_through_torchrun(upstream):
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert lrs and all(v == pytest.approx(1e-2) for s, v in lrs.items() if 5 <= s < 9)  # stable phase
     assert m["counts"]["steps"] == 12 and min(lrs.values()) < 1e-2
+    # MFU against the measured matmul peak (fp32 here), per row and in the manifest
+    assert m["metrics"]["peak_measured"] and m["metrics"]["peak_flops"] > 1e9
+    assert 0 < m["metrics"]["mfu"] < 1 and all(0 < r["mfu"] < 1 and r["max_rss_mb"] > 50 for r in rows)
+    assert m["metrics"]["mfu"] == pytest.approx(
+        m["metrics"]["tokens_per_s"] * m["metrics"]["flops_per_token"] / m["metrics"]["peak_flops"], rel=1e-3)

@@ -60,6 +60,9 @@ class Config(Strict):
     schedule: Literal["cosine", "wsd"] = "cosine"  # after warmup: cosine decay, or warmup-stable-decay
     decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: the last share of steps that decays linearly
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    # FLOP/s that MFU is measured against (all ranks together); null: on CPU measured at the start (matmuls in
+    # `dtype` on the run's threads, stages/train/flops.py); on GPU give it (e.g. 8 x 989e12 for 8 H100s, bf16)
+    peak_flops: float | None = Field(None, gt=0)
     warmup_steps: int = Field(20, ge=1)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -100,6 +103,11 @@ def _check_inputs(cfg: Config, ctx: StageContext) -> tuple[dict, list[str]]:
 def _spec(cfg: Config, ctx: StageContext, tok: dict, shards: list[str]) -> dict:
     threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // cfg.nproc)
     train = cfg.model_dump(mode="json", exclude={"model", "nproc", "timeout_s", "verify_shards"})
+    if train["peak_flops"] is None and cfg.device == "cpu":
+        from stages.train.flops import measure_matmul_peak
+
+        train["peak_flops"] = measure_matmul_peak(cfg.dtype, threads * cfg.nproc)
+        train["peak_measured"] = True
     return {
         "model": {**cfg.model.model_dump(), "vocab_size": tok["vocab_size"]},
         "train": {**train, "threads": threads},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
 import time
 import traceback
@@ -107,12 +108,15 @@ def train(spec: dict) -> None:
             tps = tok_since / max(now - t_last, 1e-9)
             row = {"step": done, "loss": round(loss_mean, 5), "lr": lr, "grad_norm": round(float(gnorm), 4),
                    "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
-                   "gflops_per_s": round(tps * flops_tok / 1e9, 2), "elapsed_s": round(now - t_start, 2)}
+                   "gflops_per_s": round(tps * flops_tok / 1e9, 2), "elapsed_s": round(now - t_start, 2),
+                   "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            if t.get("peak_flops"):
+                row["mfu"] = round(tps * flops_tok / t["peak_flops"], 4)
             metrics.append(row)
             t_last, tok_since, loss_since, steps_since = now, 0, 0.0, 0
             if d.is_main:
                 print(f"[train] step {done}/{t['steps']} loss {loss_mean:.4f} lr {lr:.2e} "
-                      f"{tps:,.0f} tok/s", flush=True)
+                      f"{tps:,.0f} tok/s" + (f" MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
         if d.is_main and t["checkpoint_every"] and done % t["checkpoint_every"] == 0 and done < t["steps"]:
             save_model(out, step_dir(done), model, gcfg, {**info, "step": done, "tokens": done * tokens_per_step})
             out.write_bytes("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
@@ -132,6 +136,9 @@ def train(spec: dict) -> None:
                    "tokens_per_s_overall": round(t["steps"] * tokens_per_step / wall, 1),
                    "flops_per_token": flops_tok, "world_size": d.world, "dtype": t["dtype"],
                    "train_wall_s": round(wall, 2), "train_windows": len(ds)}
+        if t.get("peak_flops"):
+            summary.update(peak_flops=t["peak_flops"], peak_measured=bool(t.get("peak_measured")),
+                           mfu=round(summary["tokens_per_s"] * flops_tok / t["peak_flops"], 4))
         with open(spec["summary_path"], "w") as f:
             json.dump(summary, f)
     parallel.barrier(d)

@@ -34,4 +34,9 @@ def run() -> dict:
     if "tokens_per_s" in tr.get("metrics", {}):
         figures["pipeline.train.tokens_per_s"] = {"value": tr["metrics"]["tokens_per_s"], "unit": "tokens/s",
                                                   "what": "training throughput, tiny model, 2 ranks gloo"}
+    if "mfu" in tr.get("metrics", {}):
+        figures["pipeline.train.mfu"] = {"value": tr["metrics"]["mfu"], "unit": "",
+                                         "what": "tiny model MFU vs the measured bf16 matmul peak (d128: small matmuls)"}
+        figures["pipeline.train.peak_gflops"] = {"value": round(tr["metrics"]["peak_flops"] / 1e9, 1),
+                                                 "unit": "GFLOP/s", "what": "measured bf16 matmul peak, 2 threads"}
     return figures

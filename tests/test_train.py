@@ -192,7 +192,8 @@ def test_model_and_schedule_options_through_torchrun(upstream):
 
     storage, _ = upstream
     _clone(storage, "run1", "opts", ("tokenizer", "shard"))
-    over = {**SMALL, "train.nproc": 2, "train.steps": 12, "train.checkpoint_every": 0, "train.model.qk_norm": True,
+    over = {**SMALL, "train.nproc": 2, "train.steps": 12, "train.checkpoint_every": 4, "train.keep_checkpoints": 1,
+            "train.model.qk_norm": True,
             "train.model.tie_embeddings": False, "train.schedule": "wsd", "train.decay_fraction": 0.25,
             "train.activation_checkpointing": True}
     m = run_stage("train", load_tiny(None, over), storage, "opts")
@@ -202,8 +203,64 @@ def test_model_and_schedule_options_through_torchrun(upstream):
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert lrs and all(v == pytest.approx(1e-2) for s, v in lrs.items() if 5 <= s < 9)  # stable phase
     assert m["counts"]["steps"] == 12 and min(lrs.values()) < 1e-2
+    # keep_checkpoints 1: only the newest training state (step 8) stays; the model snapshots all stay
+    from stages.train.checkpoint import complete_states
+
+    out = Storage(storage).sub("opts", "train")
+    assert [s for s, _ in complete_states(out)] == [8] and not out.list("checkpoints/step_000004/state")
+    assert out.exists("checkpoints/step_000004/model.pt")
     # MFU against the measured matmul peak (fp32 here), per row and in the manifest
     assert m["metrics"]["peak_measured"] and m["metrics"]["peak_flops"] > 1e9
     assert 0 < m["metrics"]["mfu"] < 1 and all(0 < r["mfu"] < 1 and r["max_rss_mb"] > 50 for r in rows)
     assert m["metrics"]["mfu"] == pytest.approx(
         m["metrics"]["tokens_per_s"] * m["metrics"]["flops_per_token"] / m["metrics"]["peak_flops"], rel=1e-3)
+
+
+def test_sigkill_then_resume_gives_the_same_losses(upstream, two_rank):
+    """A 2-rank run killed with SIGKILL (stage, torchrun and ranks) after its step-10 checkpoint is complete:
+    the re-run resumes from the newest complete checkpoint and logs exactly the losses of the uninterrupted run
+    at every step; checkpoints of another dataset are refused with a clear error."""
+    import json
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stages.train.checkpoint import MARKER, complete_states
+
+    storage, _ = upstream
+    cfg, ref = two_rank
+    _clone(storage, "run1", "killed", ("tokenizer", "shard"))
+    sets = [f"{k}={json.dumps(v)}" for k, v in {**SMALL, "train.nproc": 2}.items()]
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "train", "--storage", storage, "--run-id", "killed"]
+    proc = subprocess.Popen(cmd + [a for s in sets for a in ("--set", s)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = Storage(storage).sub("killed", "train")
+    deadline = time.time() + 120
+    while not out.exists(f"checkpoints/step_000010/{MARKER}"):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    time.sleep(random.Random(7).uniform(0.0, 0.3))  # somewhere after the checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists("manifest.json"), "the run finished before the kill: nothing to resume"
+    newest = complete_states(out)[0][0]
+    assert newest in (10, 20)
+
+    # a copy whose checkpoint claims another dataset is refused
+    _clone(storage, "killed", "other", ("tokenizer", "shard", "train"))
+    other = Storage(storage).sub("other", "train")
+    marker = other.read_json(f"checkpoints/step_{newest:06d}/{MARKER}")
+    other.write_json(f"checkpoints/step_{newest:06d}/{MARKER}", {**marker, "dataset": "0" * 16})
+    with pytest.raises(StageError, match="refusing to resume"):
+        run_stage("train", cfg, storage, "other")
+
+    m = run_stage("train", cfg, storage, "killed")
+    assert f"[train] resumed at step {newest}" in out.read_bytes("logs/torchrun.log").decode()  # not restarted
+    assert _losses(storage, "killed") == _losses(storage, "run1")  # bit for bit, every step
+    assert m["counts"] == ref["counts"]
+    final = torch.load(io.BytesIO(out.read_bytes("final/model.pt")), weights_only=True)
+    ref_final = torch.load(io.BytesIO(Storage(storage).sub("run1", "train").read_bytes("final/model.pt")),
+                           weights_only=True)
+    assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)

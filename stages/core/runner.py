@@ -133,7 +133,9 @@ def run_stage(stage: str, cfg, storage: str | Storage, run_id: str, force: bool 
         return existing
 
     out = root.sub(stage)
-    out.rm()  # a stale or partial attempt leaves nothing behind
+    if force or not getattr(mod, "RESUMABLE", False):
+        out.rm()  # a stale or partial attempt leaves nothing behind
+    # (a RESUMABLE stage, train, keeps what an interrupted attempt stored and decides itself: resume or start over)
     workdir = tempfile.mkdtemp(prefix=f"kiln-{stage}-")
     ctx = StageContext(stage, run_id, cfg, root, out, inputs, workdir)
     t0 = time.time()

@@ -44,6 +44,9 @@ class ModelConfig(Strict):
     tie_embeddings: bool = True  # output head = token embedding
 
 
+RESUMABLE = True  # the runner keeps an interrupted attempt's checkpoints: run() resumes from the newest complete one
+
+
 class Config(Strict):
     model: ModelConfig = ModelConfig()
     nproc: int = Field(2, ge=1)  # processes (ranks) torchrun starts
@@ -71,6 +74,7 @@ class Config(Strict):
     log_every: int = Field(5, ge=1)  # steps per metrics.jsonl row (loss averaged over them)
     timeout_s: int = Field(0, ge=0)  # 0 = no limit
     verify_shards: bool = True  # sha256 of every training shard against the shard manifest before starting
+    keep_checkpoints: int = Field(2, ge=0)  # training states (model + optimizer) kept for resume; 0 = all
 
 
 def _check_inputs(cfg: Config, ctx: StageContext) -> tuple[dict, list[str]]:
@@ -118,6 +122,7 @@ def _spec(cfg: Config, ctx: StageContext, tok: dict, shards: list[str]) -> dict:
         "tokenizer": {k: tok.get(k) for k in ("vocab_size", "bos_id", "eos_id", "pad_id")},
         "summary_path": os.path.join(ctx.workdir, "summary.json"),
         "error_dir": os.path.join(ctx.workdir, "errors"),
+        "staging_dir": os.path.join(ctx.workdir, "checkpoints"),
     }
 
 
@@ -217,9 +222,50 @@ def _kill_group(proc: subprocess.Popen) -> None:
             pass
 
 
+def _fingerprints(cfg: Config, ctx: StageContext, spec: dict) -> dict:
+    """dataset: the training shards and tokenizer by content (sha256 from their manifests); config: what
+    else decides the trajectory (model, optimisation, seed; not threads, timeouts or the peak)."""
+    import hashlib
+
+    sums = {o["path"]: o["sha256"] for o in ctx.inputs["shard"].get("outputs", []) if o["path"].startswith("tokens/train/")}
+    sums |= {o["path"]: o["sha256"] for o in ctx.inputs["tokenizer"].get("outputs", []) if o["path"] == "tokenizer.model"}
+    conf = {"model": spec["model"], "seed": spec["seed"],
+            "train": {k: v for k, v in spec["train"].items() if k not in ("threads", "peak_flops", "peak_measured",
+                                                                          "keep_checkpoints", "log_every")}}
+    h = lambda o: hashlib.sha256(json.dumps(o, sort_keys=True).encode()).hexdigest()[:16]  # noqa: E731
+    return {"dataset": h(sums), "config": h(conf)}
+
+
+def _resume_step(ctx: StageContext, fp: dict) -> int | None:
+    """The newest complete training state to resume from, or None (start over). A finished earlier run (its
+    manifest exists: its fingerprint differed, or --force) or states of another config are cleared; states made
+    on another dataset are refused."""
+    from stages.train.checkpoint import complete_states
+
+    if ctx.out.exists("manifest.json"):
+        ctx.out.rm()
+        return None
+    states = complete_states(ctx.out)
+    if not states:
+        return None
+    step, marker = states[0]
+    if marker.get("dataset") != fp["dataset"]:
+        raise StageError(f"train: {ctx.out.url()} holds an interrupted run's checkpoint (step {step}) made on "
+                         f"dataset {marker.get('dataset')}, but the shards and tokenizer now are "
+                         f"{fp['dataset']}: refusing to resume; re-run with --force to start over")
+    if marker.get("config") != fp["config"]:
+        log.info("train: the interrupted run's checkpoints (step %d) used another train config: starting over", step)
+        ctx.out.rm()
+        return None
+    log.info("train: resuming from the complete checkpoint at step %d", step)
+    return step
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     tok, shards = _check_inputs(cfg, ctx)
     spec = _spec(cfg, ctx, tok, shards)
+    spec["fingerprints"] = _fingerprints(cfg, ctx, spec)
+    spec["resume_step"] = _resume_step(ctx, spec["fingerprints"])
     mixture = _mixture(ctx)
     try:
         rc, lines, err_tail = launch(spec, cfg.nproc, ctx.workdir, cfg.timeout_s)

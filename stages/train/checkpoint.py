@@ -34,3 +34,66 @@ def load_model(storage, rel_dir: str = "final") -> tuple[GPT, dict]:
                        map_location="cpu")
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training state (model + optimizer) for exact resume: torch.distributed.checkpoint, staged locally, then stored
+
+STATE_DIR, MARKER = "state", "COMPLETE.json"
+
+
+def save_state(out, step: int, model: torch.nn.Module, opt, d, staging: str, meta: dict, keep: int = 0) -> None:
+    """Collective (every rank): a DCP checkpoint of model + optimizer at ``checkpoints/step_N/state/``. Each rank
+    writes its files to local ``staging`` and uploads its own ``__<rank>_*.distcp``; after a barrier rank 0
+    uploads ``.metadata`` and then ``COMPLETE.json`` (``meta``: step, fingerprints, metrics so far): a checkpoint
+    without the marker is incomplete and never resumed from. ``keep`` > 0: only the newest ``keep`` training
+    states stay (model.pt snapshots are kept for evaluation)."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from stages.train import parallel
+
+    msd, osd = get_state_dict(model, opt)
+    local = os.path.join(staging, f"save_{step:06d}")
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=local)
+    rel = f"{step_dir(step)}/{STATE_DIR}"
+    for f in sorted(os.listdir(local)):
+        if f.startswith(f"__{d.rank}_"):
+            out.put_file(os.path.join(local, f), f"{rel}/{f}")
+    parallel.barrier(d)
+    if d.is_main:
+        out.put_file(os.path.join(local, ".metadata"), f"{rel}/.metadata")
+        out.write_json(f"{step_dir(step)}/{MARKER}", {**meta, "step": step, "world_size": d.world})
+        if keep > 0:
+            for old, _ in complete_states(out)[keep:]:
+                out.rm(f"{step_dir(old)}/{STATE_DIR}")
+                out.rm(f"{step_dir(old)}/{MARKER}")
+    parallel.barrier(d)
+
+
+def complete_states(out) -> list[tuple[int, dict]]:
+    """(step, marker) of every complete training state in ``out``, newest first."""
+    found = []
+    for rel in out.list("checkpoints", suffix=MARKER):
+        found.append((int(rel.split("/")[1].removeprefix("step_")), out.read_json(rel)))
+    return sorted(found, key=lambda x: -x[0])
+
+
+def load_state(out, step: int, model: torch.nn.Module, opt, d, staging: str) -> None:
+    """Every rank: fetch ``checkpoints/step_N/state/`` to its own staging folder and load model + optimizer
+    (DCP reshards if the world size changed; same world size on CPU resumes bit for bit)."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    rel = f"{step_dir(step)}/{STATE_DIR}"
+    local = os.path.join(staging, f"load_{step:06d}_rank{d.rank}")
+    for f in out.list(rel):
+        out.get_file(f, os.path.join(local, f.rsplit("/", 1)[1]))
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=local)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -20,7 +20,7 @@ import torch
 
 from stages.core.storage import Storage
 from stages.train import parallel
-from stages.train.checkpoint import save_model, step_dir
+from stages.train.checkpoint import complete_states, load_state, save_model, save_state, step_dir
 from stages.train.data import BatchSampler, WindowDataset, micro_batches, open_shards
 from stages.train.model import GPT, GPTConfig
 
@@ -81,8 +81,16 @@ def train(spec: dict) -> None:
         print(f"[train] {n_params / 1e6:.2f}M params, {d.world} rank(s), {accum} micro-batch(es) of "
               f"{t['micro_batch']} per rank, {tokens_per_step} tokens/step, {len(ds)} windows", flush=True)
 
-    metrics, t_start, t_last, tok_since, loss_since, steps_since = [], time.time(), time.time(), 0, 0.0, 0
-    for step in range(t["steps"]):
+    start, metrics = 0, []
+    if spec.get("resume_step"):  # exact resume: weights, optimizer moments and step; batches follow the step
+        start = spec["resume_step"]
+        load_state(out, start, model, opt, d, spec["staging_dir"])
+        metrics = [m for m in dict(complete_states(out))[start].get("metrics", []) if m["step"] <= start]
+        if d.is_main:
+            print(f"[train] resumed at step {start}", flush=True)
+    meta = {**spec.get("fingerprints", {})}
+    t_start, t_last, tok_since, loss_since, steps_since = time.time(), time.time(), 0, 0.0, 0
+    for step in range(start, t["steps"]):
         lr = lr_at(step, t)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -117,9 +125,12 @@ def train(spec: dict) -> None:
             if d.is_main:
                 print(f"[train] step {done}/{t['steps']} loss {loss_mean:.4f} lr {lr:.2e} "
                       f"{tps:,.0f} tok/s" + (f" MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
-        if d.is_main and t["checkpoint_every"] and done % t["checkpoint_every"] == 0 and done < t["steps"]:
-            save_model(out, step_dir(done), model, gcfg, {**info, "step": done, "tokens": done * tokens_per_step})
-            out.write_bytes("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
+        if t["checkpoint_every"] and done % t["checkpoint_every"] == 0 and done < t["steps"]:
+            if d.is_main:
+                save_model(out, step_dir(done), model, gcfg, {**info, "step": done, "tokens": done * tokens_per_step})
+                out.write_bytes("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
+            save_state(out, done, model, opt, d, spec["staging_dir"], {**meta, "metrics": metrics},
+                       t.get("keep_checkpoints", 0))
 
     wall = time.time() - t_start
     if d.is_main:

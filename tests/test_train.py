@@ -6,6 +6,7 @@ import io
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,14 @@ def test_two_ranks_train_and_checkpoint(upstream, two_rank):
 
     model, _ = load_model(out, "final")
     assert torch.equal(model.state_dict()["embed.weight"], state["embed.weight"])
+    # the same weights as safetensors, readable without Kiln (a tied head stored once; config in the metadata)
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    st = load(out.read_bytes("final/model.safetensors"))
+    assert set(st) == set(state) - {"head.weight"} and all(torch.equal(st[k], state[k]) for k in st)
+    with safe_open(str(Path(storage) / "run1" / "train" / "final" / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["vocab_size"] == 512
     # the final weights are the trained ones: better than the step-10 checkpoint on training text
     early, _ = load_model(out, "checkpoints/step_000010")
     ids = torch.from_numpy(facts["train"]["stream"][:4 * 65]).view(4, 65)
@@ -242,8 +251,26 @@ def test_sigkill_then_resume_gives_the_same_losses(upstream, two_rank):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
     time.sleep(random.Random(7).uniform(0.0, 0.3))  # somewhere after the checkpoint
-    os.killpg(proc.pid, signal.SIGKILL)
+    from stages.train import _worker_pids
+
+    family = [proc.pid, *_worker_pids(proc.pid)]  # the stage, torchrun and its ranks: all at once, as a node dies
+    assert len(family) >= 4
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    while any(alive(pid) for pid in family[1:]):
+        time.sleep(0.05)
     assert not out.exists("manifest.json"), "the run finished before the kill: nothing to resume"
     newest = complete_states(out)[0][0]
     assert newest in (10, 20)

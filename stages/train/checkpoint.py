@@ -4,26 +4,38 @@
 from __future__ import annotations
 
 import io
+import json
 
 import torch
 
 from stages.train.model import GPT, GPTConfig
 
-MODEL_FILE, CONFIG_FILE = "model.pt", "model_config.json"
+MODEL_FILE, CONFIG_FILE, SAFETENSORS_FILE = "model.pt", "model_config.json", "model.safetensors"
 
 
 def step_dir(step: int) -> str:
     return f"checkpoints/step_{step:06d}"
 
 
-def save_model(storage, rel_dir: str, model: torch.nn.Module, cfg: GPTConfig, info: dict | None = None) -> list[str]:
-    """Write the bare model's weights (fp32, CPU) and config; returns the two relative paths."""
+def save_model(storage, rel_dir: str, model: torch.nn.Module, cfg: GPTConfig, info: dict | None = None,
+               safetensors: bool = False) -> list[str]:
+    """Write the bare model's weights (fp32, CPU) and config; with ``safetensors`` also ``model.safetensors``
+    (the same tensors, loadable without Kiln or torch.load: ``safetensors.torch.load_file``; a tied head is
+    stored once, under ``embed.weight``). Returns the relative paths written."""
     state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
     torch.save(state, buf)
     storage.write_bytes(f"{rel_dir}/{MODEL_FILE}", buf.getvalue())
     storage.write_json(f"{rel_dir}/{CONFIG_FILE}", {"model": cfg.to_dict(), **(info or {})})
-    return [f"{rel_dir}/{MODEL_FILE}", f"{rel_dir}/{CONFIG_FILE}"]
+    paths = [f"{rel_dir}/{MODEL_FILE}", f"{rel_dir}/{CONFIG_FILE}"]
+    if safetensors:
+        from safetensors.torch import save
+
+        tensors = {k: v for k, v in state.items() if not (cfg.tie_embeddings and k == "head.weight")}
+        storage.write_bytes(f"{rel_dir}/{SAFETENSORS_FILE}", save(tensors, metadata={"format": "pt",
+                                                                                  "config": json.dumps(cfg.to_dict())}))
+        paths.append(f"{rel_dir}/{SAFETENSORS_FILE}")
+    return paths
 
 
 def load_model(storage, rel_dir: str = "final") -> tuple[GPT, dict]:

@@ -136,7 +136,7 @@ def train(spec: dict) -> None:
     if d.is_main:
         end = {**info, "step": t["steps"], "tokens": t["steps"] * tokens_per_step}
         save_model(out, step_dir(t["steps"]), model, gcfg, end)
-        save_model(out, "final", model, gcfg, end)
+        save_model(out, "final", model, gcfg, end, safetensors=True)
         out.write_bytes("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
         tail = [m["loss"] for m in metrics[-5:]]
         steady = [m["tokens_per_s"] for m in metrics[1:]] or [m["tokens_per_s"] for m in metrics]
@@ -156,7 +156,20 @@ def train(spec: dict) -> None:
     parallel.shutdown()
 
 
+def _die_with_torchrun() -> None:
+    """Linux: this rank is killed if torchrun dies without stopping it (SIGKILL of the agent): no orphan
+    ranks writing checkpoints after their job is gone."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> int:
+    _die_with_torchrun()
     with open(argv[0]) as f:
         spec = json.load(f)
     rank = int(os.environ.get("RANK", 0))

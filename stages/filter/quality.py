@@ -302,13 +302,13 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
     document once (cutoff and report), write ``quality/model.bin`` and ``quality/report.json`` to ``ctx.out``.
 
     ``prefilter`` (optional, called with each upstream document as a dict): the documents it rejects are neither
-    negatives nor part of the cutoff and the report. Pass the stage's heuristic filters (``datatrove_prefilter``)
-    when the quality block runs after them: negatives then come from the pool the classifier will actually see
-    (DCLM's negatives are RefinedWeb, itself heuristically filtered) and top_percent means a share of that pool.
-    Without it, short stubs and index pages that the heuristics drop anyway take part (and score high here).
+    negatives nor part of the cutoff and the report (``datatrove_prefilter`` wraps datatrove filters; used by the
+    benchmark to compare). Negatives should come from the pool the classifier will judge (DCLM's negatives are
+    RefinedWeb, itself heuristically filtered), so that top_percent is a share of that pool; without that, short
+    stubs and index pages that the heuristics drop anyway take part (and score high here).
 
-    ``source`` (optional): (Storage, [relative .jsonl.gz paths]) to read instead of ``upstream``'s manifest files,
-    e.g. the documents that passed the stage's heuristic filters.
+    ``source`` (optional): (Storage, [relative .jsonl.gz paths]) to read instead of ``upstream``'s manifest files.
+    The filter stage passes the documents that survived its heuristic pass (no second run of the heuristics).
 
     Returns {"model_path": local model file in ctx.workdir, "cutoff": float, "report": dict,
     "counts": headline numbers for the manifest, "outputs": [the two files]}."""
@@ -437,52 +437,6 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
 # --------------------------------------------------------------------------------------------------------------
 # the datatrove block
 
-def _quality_cls():
-    from datatrove.pipeline.base import PipelineStep
-
-    class QualityScore(PipelineStep):
-        """Sets metadata["quality_score"]; drops documents scoring below the cutoff (stats: kept, dropped)."""
-
-        type = "🔻 - FILTER"
-        name = "🏅 fastText quality"
-
-        def __init__(self, model_path: str, cutoff: float, max_words: int = 2000, batch: int = 256):
-            super().__init__()
-            self.model_path, self.cutoff, self.max_words, self.batch = model_path, cutoff, max_words, batch
-            self._model = None
-
-        def __getstate__(self):
-            return {**self.__dict__, "_model": None}  # the fastText model is loaded in each worker
-
-        def _scored(self, docs):
-            with self.track_time():
-                scores = score_texts(self._model, [preprocess(d.text or "", self.max_words) for d in docs])
-            for d, s in zip(docs, scores):
-                d.metadata["quality_score"] = s
-                self.stat_update("total")
-                if s >= self.cutoff:
-                    self.stat_update("kept")
-                    yield d
-                else:
-                    self.stat_update("dropped")
-
-        def run(self, data, rank: int = 0, world_size: int = 1):
-            if self._model is None:
-                import fasttext
-
-                self._model = fasttext.load_model(self.model_path)
-            buf = []
-            for doc in data:
-                buf.append(doc)
-                if len(buf) >= self.batch:
-                    yield from self._scored(buf)
-                    buf = []
-            if buf:
-                yield from self._scored(buf)
-
-    return QualityScore
-
-
 class QualityFilter:
     """The classifier as a filter of the stage's filter chain (``filter(doc) -> (keep, reason)``, like datatrove's
     filters): sets ``metadata["quality_score"]``; below ``cutoff`` the document goes with reason ``below_cutoff``.
@@ -502,6 +456,32 @@ class QualityFilter:
         score = score_texts(self._model, [preprocess(doc.text or "", self.max_words)])[0]
         doc.metadata["quality_score"] = score
         return True if score >= self.cutoff else (False, "below_cutoff")
+
+
+def _quality_cls():
+    from datatrove.pipeline.base import PipelineStep
+
+    class QualityScore(PipelineStep):
+        """``QualityFilter`` as a standalone datatrove block (stats: total, kept, dropped); the stage itself runs
+        the filter inside its filter chain, so removals are counted and sampled like the heuristics'."""
+
+        type = "🔻 - FILTER"
+        name = "🏅 fastText quality"
+
+        def __init__(self, model_path: str, cutoff: float, max_words: int = 2000):
+            super().__init__()
+            self.quality = QualityFilter(model_path, cutoff, max_words)
+
+        def run(self, data, rank: int = 0, world_size: int = 1):
+            for doc in data:
+                self.stat_update("total")
+                with self.track_time():
+                    keep = self.quality.filter(doc) is True
+                self.stat_update("kept" if keep else "dropped")
+                if keep:
+                    yield doc
+
+    return QualityScore
 
 
 def quality_block(cfg: QualityConfig, model_path: str, cutoff: float):

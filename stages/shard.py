@@ -90,6 +90,7 @@ def _block():
             from stages.reweight import domain_of
 
             tmp = tempfile.mkdtemp(prefix=f"kiln-shard-{rank:05d}-")
+            pool = None
             try:
                 model = Storage(self.tokenizer_uri).get_file("tokenizer.model", os.path.join(tmp, "tokenizer.model"))
                 sp = spm.SentencePieceProcessor(model_file=model)
@@ -99,7 +100,7 @@ def _block():
                 data = iter(data or ())
                 # encoding (sentencepiece threads, the GIL released) of batch k+1 overlaps the main thread's
                 # work on batch k: token shards, tags, and the downstream blocks (Tally, Parquet) it yields to
-                pool = ThreadPoolExecutor(1)
+                pool = ThreadPoolExecutor(1)  # shut down in finally, also when a downstream block raises
                 encode = lambda b: sp.encode([d.text for d in b], num_threads=self.cfg.encode_threads)  # noqa: E731
                 batch = list(itertools.islice(data, self.cfg.encode_batch))
                 pending = pool.submit(encode, batch) if batch else None
@@ -130,13 +131,14 @@ def _block():
                         self.stat_update(key, value=n)
                     yield from kept
                     batch = nxt
-                pool.shutdown()
                 out = Storage(self.out_uri)
                 for split, w in writers.items():
                     if w.close()["documents"]:
                         for ext in ("bin", "idx"):
                             out.put_file(os.path.join(tmp, f"{split}.{ext}"), f"tokens/{split}/{rank:05d}.{ext}")
             finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
                 shutil.rmtree(tmp, ignore_errors=True)
 
     return TokenShards

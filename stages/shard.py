@@ -30,7 +30,7 @@ SPLITS = ("train", "validation")
 class Config(Strict):
     val_fraction: float = Field(0.05, ge=0, lt=1)  # of original documents (by hash of the base id)
     parquet_rows_per_group: int = Field(1024, ge=1)  # rows per Parquet row group (a streaming unit)
-    encode_batch: int = Field(256, ge=1)  # documents per sentencepiece call (the next one encodes meanwhile)
+    encode_batch_kb: int = Field(1000, ge=1)  # KB of text per sentencepiece call (one per encode thread at a time)
     encode_threads: int | None = Field(None, ge=1)  # per task; null: the cores / the tasks running at once
     # smaller inputs (MB of reweight's compressed data/) are one task in this process, encoding with every core:
     # a worker pool costs ~1-2 s to start, as much as encoding the 15 MB demo corpus
@@ -50,22 +50,67 @@ def parquet_schema():
                       ("date", pa.string()), ("n_tokens", pa.int32())])
 
 
-def _parquet_row(self, doc) -> dict:
-    """datatrove writer adapter: one flat row per document."""
-    md = doc.metadata
+def _reader():
+    from datatrove.pipeline.readers import JsonlReader
 
-    def s(key):
-        return None if md.get(key) is None else str(md[key])
+    class GzipJsonl(JsonlReader):
+        """datatrove's JsonlReader (same documents, stats and block name) that reads ``.jsonl.gz`` as bytes: 1 MB
+        compressed chunks inflated by zlib, lines parsed by orjson without a text-mode decode. Measured on the
+        12.5 MB bench corpus: 54 ms of CPU against 89 ms for gzip.open(..., "rt") line by line."""
 
-    return {"text": doc.text, "id": doc.id, "url": s("url"), "domain": s("domain"), "date": s("date"),
-            "n_tokens": md["n_tokens"]}
+        def read_file(self, filepath: str):
+            import zlib
+
+            import orjson
+            from datatrove.utils.logging import logger
+
+            if not filepath.endswith(".gz"):
+                yield from super().read_file(filepath)
+                return
+            li, rest = 0, b""
+            z = zlib.decompressobj(31)
+            with self.data_folder.open(filepath, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    buf = rest + z.decompress(chunk)
+                    while z.eof and z.unused_data:  # a multi-member gzip file
+                        tail, z = z.unused_data, zlib.decompressobj(31)
+                        buf += z.decompress(tail)
+                    *lines, rest = buf.split(b"\n")
+                    for line in lines:
+                        try:
+                            doc = self.get_document_from_dict(orjson.loads(line), filepath, li)
+                        except orjson.JSONDecodeError as e:
+                            logger.warning(f"Error when reading `{filepath}`: {e}")
+                            doc = None
+                        li += 1
+                        if doc:
+                            yield doc
+            if rest.strip():
+                yield from filter(None, [self.get_document_from_dict(orjson.loads(rest), filepath, li)])
+
+    return GzipJsonl
+
+
+def _batches(data, size: int):
+    """Lists of documents of about ``size`` characters; the first ones smaller (size/16, doubling) so that encoding
+    starts after reading a few documents rather than a whole batch."""
+    batch, chars, target = [], 0, max(1, size // 16)
+    for doc in data:
+        batch.append(doc)
+        chars += len(doc.text)
+        if chars >= target:
+            yield batch
+            batch, chars, target = [], 0, min(size, target * 2)
+    if batch:
+        yield batch
 
 
 def _block():
     from datatrove.pipeline.base import PipelineStep
 
     class TokenShards(PipelineStep):
-        """Tokenizes documents, writes each task's token shards per split and tags ``split``/``n_tokens``."""
+        """Tokenizes documents and writes each task's token shards and Parquet per split; tags ``split``/``n_tokens``
+        and passes the documents on."""
 
         name = "token shards"
         type = "🔢 - TOKENIZER"
@@ -76,78 +121,151 @@ def _block():
             self.domains = domains  # the reweight Config: tokens are counted per domain under its key
 
         def run(self, data, rank: int = 0, world_size: int = 1):
-            import itertools
             import os
             import shutil
             import tempfile
-            from collections import Counter
+            from collections import deque
             from concurrent.futures import ThreadPoolExecutor
 
             import sentencepiece as spm
 
             from stages.core.storage import Storage
-            from stages.core.tokens import TokenShardWriter
-            from stages.reweight import domain_of
 
+            out = Storage(self.out_uri)
             tmp = tempfile.mkdtemp(prefix=f"kiln-shard-{rank:05d}-")
-            pool = None
+            threads = self.cfg.encode_threads or 1
+            pool, files = None, {}
             try:
                 model = Storage(self.tokenizer_uri).get_file("tokenizer.model", os.path.join(tmp, "tokenizer.model"))
                 sp = spm.SentencePieceProcessor(model_file=model)
-                vocab, eos = sp.get_piece_size(), sp.eos_id()
-                writers = {s: TokenShardWriter(os.path.join(tmp, f"{s}.bin"), os.path.join(tmp, f"{s}.idx"), vocab, eos)
-                           for s in SPLITS}
-                data = iter(data or ())
-                # encoding (sentencepiece threads, the GIL released) of batch k+1 overlaps the main thread's
-                # work on batch k: token shards, tags, and the downstream blocks (Tally, Parquet) it yields to
-                pool = ThreadPoolExecutor(1)  # shut down in finally, also when a downstream block raises
-                encode = lambda b: sp.encode([d.text for d in b], num_threads=self.cfg.encode_threads)  # noqa: E731
-                batch = list(itertools.islice(data, self.cfg.encode_batch))
-                pending = pool.submit(encode, batch) if batch else None
-                while batch:
-                    nxt = list(itertools.islice(data, self.cfg.encode_batch))
-                    with self.track_time(unit="batch"):
-                        ids = pending.result()
-                    pending = pool.submit(encode, nxt) if nxt else None
-                    seqs: dict[str, list] = {s: [] for s in SPLITS}
-                    counts: Counter = Counter()
-                    kept = []
-                    for doc, seq in zip(batch, ids):
-                        if not seq:
-                            counts["empty"] += 1
-                            continue
-                        split = split_of(doc.id, self.cfg.val_fraction)
-                        seqs[split].append(seq)
-                        kept.append(doc)
-                        doc.metadata["split"], doc.metadata["n_tokens"] = split, len(seq)
-                        counts[f"docs_{split}"] += 1
-                        counts[f"tokens_{split}"] += len(seq) + 1  # + EOS
-                        if self.domains is not None:
-                            counts[f"tokens:{domain_of(doc.metadata, self.domains)}"] += len(seq) + 1
-                    for split, batch_seqs in seqs.items():
-                        if batch_seqs:
-                            writers[split].add_many(batch_seqs)
-                    for key, n in counts.items():
-                        self.stat_update(key, value=n)
-                    yield from kept
-                    batch = nxt
-                out = Storage(self.out_uri)
-                for split, w in writers.items():
-                    if w.close()["documents"]:
-                        for ext in ("bin", "idx"):
-                            out.put_file(os.path.join(tmp, f"{split}.{ext}"), f"tokens/{split}/{rank:05d}.{ext}")
+                # each encode thread runs one sentencepiece call on its own batch (the GIL released, ids returned as
+                # int32 arrays); threads + 1 batches in flight, consumed in order: no barrier per batch where one
+                # thread waits for the other's last long document
+                pool = ThreadPoolExecutor(threads)  # shut down in finally, also when a downstream block raises
+                encode = lambda b: sp.encode([d.text for d in b], num_threads=1, return_type="numpy")  # noqa: E731
+                inflight: deque = deque()
+                for batch in _batches(data or (), self.cfg.encode_batch_kb * 1000):
+                    inflight.append((batch, pool.submit(encode, batch)))
+                    if len(inflight) > threads:
+                        yield from self._write(files, *inflight.popleft(), sp, rank, out, tmp)
+                while inflight:
+                    yield from self._write(files, *inflight.popleft(), sp, rank, out, tmp)
+                for f in files.values():
+                    f.close()
+                self.stat_update("bytes", value=sum(f.bytes for f in files.values()))
             finally:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
+                for f in files.values():
+                    f.abort()
                 shutil.rmtree(tmp, ignore_errors=True)
+
+        def _write(self, files: dict, batch: list, pending, sp, rank: int, out, tmp: str):
+            from collections import Counter
+
+            from stages.reweight import domain_of
+
+            with self.track_time(unit="batch"):
+                ids = pending.result()
+            counts: Counter = Counter()
+            kept: dict[str, list] = {s: [] for s in SPLITS}
+            for doc, seq in zip(batch, ids):
+                n = int(seq.size)
+                if not n:
+                    counts["empty"] += 1
+                    continue
+                split = split_of(doc.id, self.cfg.val_fraction)
+                kept[split].append((doc, seq))
+                doc.metadata["split"], doc.metadata["n_tokens"] = split, n
+                counts[f"docs_{split}"] += 1
+                counts[f"tokens_{split}"] += n + 1  # + EOS
+                if self.domains is not None:
+                    counts[f"tokens:{domain_of(doc.metadata, self.domains)}"] += n + 1
+            for split, pairs in kept.items():
+                if pairs:
+                    if split not in files:
+                        files[split] = _SplitFiles(split, rank, out, tmp, sp.get_piece_size(), sp.eos_id(), self.cfg)
+                    files[split].add(pairs)
+            for key, n in counts.items():
+                self.stat_update(key, value=n)
+            for pairs in kept.values():
+                for doc, _ in pairs:
+                    yield doc
 
     return TokenShards
 
 
-def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from datatrove.pipeline.writers import ParquetWriter
+class _SplitFiles:
+    """One task's files of one split: token shard + index, and Parquet (explicit schema, zstd, row groups of exactly
+    ``parquet_rows_per_group`` documents but the last, content-defined chunking and page index as datatrove's
+    ParquetWriter writes them). Local storage: written in place; remote: in ``tmp``, uploaded at ``close``."""
 
-    from stages.core.pipeline import Tally, block_stats, run_pipeline, tally_counts, upstream_reader
+    def __init__(self, split: str, rank: int, out, tmp: str, vocab: int, eos: int, cfg: Config):
+        import pyarrow.parquet as pq
+
+        from stages.core.tokens import TokenShardWriter
+
+        self.out, self.rows = out, cfg.parquet_rows_per_group
+        self.rels = {ext: f"tokens/{split}/{rank:05d}.{ext}" for ext in ("bin", "idx")}
+        self.rels["parquet"] = f"parquet/{split}/{rank:05d}.parquet"
+        if out.is_local:
+            self.local = {k: out.url(rel) for k, rel in self.rels.items()}
+            for path in self.local.values():
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        else:
+            self.local = {k: os.path.join(tmp, rel.replace("/", "_")) for k, rel in self.rels.items()}
+        self.tokens = TokenShardWriter(self.local["bin"], self.local["idx"], vocab, eos)
+        self.parquet = pq.ParquetWriter(self.local["parquet"], parquet_schema(), compression="zstd",
+                                        use_content_defined_chunking={"min_chunk_size": 256 * 1024,
+                                                                      "max_chunk_size": 1024 * 1024, "norm_level": 0},
+                                        write_page_index=True)
+        self.cols: dict[str, list] = {k: [] for k in parquet_schema().names}
+        self.closed, self.bytes = False, 0
+
+    def add(self, pairs: list) -> None:
+        """Token ids and Parquet rows of (document, ids) pairs."""
+        self.tokens.add_many([seq for _, seq in pairs])
+        c = self.cols
+        for doc, seq in pairs:
+            md = doc.metadata
+            c["text"].append(doc.text)
+            c["id"].append(doc.id)
+            for key in ("url", "domain", "date"):
+                v = md.get(key)
+                c[key].append(None if v is None else str(v))
+            c["n_tokens"].append(md["n_tokens"])
+        while len(c["id"]) >= self.rows:
+            self._flush(self.rows)
+
+    def _flush(self, n: int) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        schema = parquet_schema()
+        arrays = [pa.array(self.cols[f.name][:n], type=f.type) for f in schema]
+        for k in self.cols:
+            del self.cols[k][:n]
+        self.parquet.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema), row_group_size=n)
+        self.bytes += int(pc.sum(pc.binary_length(arrays[0])).as_py() or 0)  # UTF-8 bytes of the texts
+
+    def close(self) -> None:
+        if self.cols["id"]:
+            self._flush(len(self.cols["id"]))
+        self.tokens.close()
+        self.parquet.close()
+        self.closed = True
+        if not self.out.is_local:
+            for k, rel in self.rels.items():
+                self.out.put_file(self.local[k], rel)
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.tokens.f.close()
+            self.parquet.close()
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from stages.core.pipeline import block_stats, run_pipeline
     from stages.core.tokens import TokenShard
 
     if "tokenizer.model" not in ctx.input_files("tokenizer"):
@@ -156,20 +274,20 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     cores = len(os.sched_getaffinity(0))
     tasks, workers = (1, 1) if size < cfg.inprocess_below_mb * 1e6 else (ctx.cfg.run.tasks, ctx.cfg.run.workers)
     threads = cfg.encode_threads or max(1, cores // min(workers, tasks))
+    # reweight's data/ files, as stages.core.pipeline.upstream_reader lists them, read by the bytes reader
+    paths_file = os.path.join(ctx.workdir, "reweight-inputs.txt")
+    with open(paths_file, "w") as f:
+        f.writelines(p[len("data/"):] + "\n" for p in ctx.input_files("reweight", prefix="data/", suffix=".jsonl.gz"))
     steps = [
-        upstream_reader(ctx, "reweight", add_file_path=False),
+        _reader()(ctx.input("reweight").datafolder("data"), paths_file=paths_file, add_file_path=False),
         _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg.model_copy(update={"encode_threads": threads}),
                  ctx.cfg.reweight),
-        Tally(words=False),
-        ParquetWriter(ctx.out.datafolder("parquet"), output_filename="${split}/${rank}.parquet",
-                      compression="zstd", adapter=_parquet_row, batch_size=cfg.parquet_rows_per_group,
-                      max_file_size=-1, schema=parquet_schema()),
     ]
     stats = run_pipeline(ctx, steps, name="shard", tasks=tasks, workers=workers)
     tok = block_stats(stats, "token shards")
-    out = tally_counts(block_stats(stats, "tally"))
     n = {k.replace("validation", "val"): int(tok.get(k, 0))
          for k in ("docs_train", "docs_validation", "tokens_train", "tokens_validation", "empty")}
+    out = {"documents": n["docs_train"] + n["docs_val"], "bytes": int(tok.get("bytes", 0))}
     docs_in = int(block_stats(stats, "🐿 Jsonl").get("documents", 0))
     if docs_in != out["documents"] + n["empty"]:
         raise StageError(f"shard: read {docs_in} documents but wrote {out['documents']} (+{n['empty']} empty)")

@@ -285,6 +285,7 @@ def test_evaluate_report(trained):
              "format": "paragraphs", "max_tokens": 300},
             {"name": "passages", "path": str(tmp / "lambada.jsonl"), "format": "jsonl", "max_tokens": 500}]
     cfg = load_tiny(None, {"evaluate.val_tokens": 3000, "evaluate.doc_tokens": 2500, "evaluate.sets": sets,
+                           "evaluate.checkpoints": [],
                            "evaluate.last_word": [{"path": str(tmp / "lambada.jsonl")}],
                            "evaluate.generate": {"prompts": ["First Citizen:", "KING"], "max_new_tokens": 8,
                                                  "samples": 2}})
@@ -338,7 +339,7 @@ def test_checkpoint_series_and_uri(trained, s3_bucket):
     """checkpoints: all evaluates every step folder plus final into a curve; a checkpoint given by local path
     or s3:// URI gives the same numbers as the same folder in the train output."""
     storage, _, tmp = trained
-    base = {"evaluate.val_tokens": 600, "evaluate.doc_tokens": 600,
+    base = {"evaluate.val_tokens": 600, "evaluate.doc_tokens": 600, "evaluate.checkpoints": [], "evaluate.generate.prompts": [],
             "evaluate.sets": [{"name": "ptb", "path": str(PTB), "format": "lines", "max_tokens": 300}]}
     m = run_stage("evaluate", load_tiny(None, {**base, "evaluate.checkpoints": "all"}), storage, "run1")
     report = Storage(storage).sub("run1", "evaluate").read_json("report.json")

@@ -16,9 +16,11 @@ logs (byte-identical across runs of the same input).
 
 from __future__ import annotations
 
+import bisect
 import os
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from stages.core.config import Strict
 from stages.core.runner import StageContext, StageError, StageResult
@@ -35,12 +37,37 @@ class Config(Strict):
     # smaller inputs (MB of reweight's compressed data/) are one task in this process, encoding with every core:
     # a worker pool costs ~1-2 s to start, as much as encoding the 15 MB demo corpus
     inprocess_below_mb: float = Field(16.0, ge=0)
+    # data order for training. shuffled: train shuffles all windows. curriculum: train documents go to phases by
+    # metadata[curriculum_key] cut at curriculum_edges (ascending; no score: phase 0), shards per phase, and the
+    # trainer visits the phases in order, shuffled within each (stages.train.data.BatchSampler)
+    order: Literal["shuffled", "curriculum"] = "shuffled"
+    curriculum_key: str = "quality_score"
+    curriculum_edges: list[float] = [0.2, 0.4, 0.6, 0.8]
+
+    @field_validator("curriculum_edges")
+    @classmethod
+    def _sorted(cls, v: list[float]) -> list[float]:
+        if v != sorted(set(v)):
+            raise ValueError("must be strictly increasing")
+        return v
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
     """'validation' or 'train', from a stable hash of the base id alone: runs with other seeds or more data
     keep every document on its side, so their validation numbers compare (salted apart from reweight's hash)."""
     return "validation" if stable_unit("split", base_id(doc_id)) < val_fraction else "train"
+
+
+def phase_of(metadata: dict, cfg: Config) -> int:
+    """Curriculum phase of a document: how many of ``curriculum_edges`` its ``metadata[curriculum_key]`` reaches
+    (the edges cut like reweight's quality buckets: a score equal to an edge goes up); 0 without a score."""
+    v = metadata.get(cfg.curriculum_key)
+    return 0 if not isinstance(v, (int, float)) else bisect.bisect_right(cfg.curriculum_edges, float(v))
+
+
+def shard_dir(split: str, phase: int | None) -> str:
+    """``train``, or ``train/p02`` for a curriculum phase (zero-padded: paths sort in phase order)."""
+    return split if phase is None else f"{split}/p{phase:02d}"
 
 
 def parquet_schema():
@@ -168,24 +195,29 @@ def _block():
             with self.track_time(unit="batch"):
                 ids = pending.result()
             counts: Counter = Counter()
-            kept: dict[str, list] = {s: [] for s in SPLITS}
+            kept: dict[str, list] = {}  # shard folder (split, or split/phase) -> (document, ids)
+            curriculum = self.cfg.order == "curriculum"
             for doc, seq in zip(batch, ids):
                 n = int(seq.size)
                 if not n:
                     counts["empty"] += 1
                     continue
                 split = split_of(doc.id, self.cfg.val_fraction)
-                kept[split].append((doc, seq))
+                phase = phase_of(doc.metadata, self.cfg) if curriculum and split == "train" else None
+                kept.setdefault(shard_dir(split, phase), []).append((doc, seq))
                 doc.metadata["split"], doc.metadata["n_tokens"] = split, n
                 counts[f"docs_{split}"] += 1
                 counts[f"tokens_{split}"] += n + 1  # + EOS
+                if phase is not None:
+                    counts[f"phase:{phase}:docs"] += 1
+                    counts[f"phase:{phase}:tokens"] += n + 1
+                    counts["unscored"] += not isinstance(doc.metadata.get(self.cfg.curriculum_key), (int, float))
                 if self.domains is not None:
                     counts[f"tokens:{domain_of(doc.metadata, self.domains)}"] += n + 1
-            for split, pairs in kept.items():
-                if pairs:
-                    if split not in files:
-                        files[split] = _SplitFiles(split, rank, out, tmp, sp.get_piece_size(), sp.eos_id(), self.cfg)
-                    files[split].add(pairs)
+            for name, pairs in kept.items():
+                if name not in files:
+                    files[name] = _SplitFiles(name, rank, out, tmp, sp.get_piece_size(), sp.eos_id(), self.cfg)
+                files[name].add(pairs)
             for key, n in counts.items():
                 self.stat_update(key, value=n)
             for pairs in kept.values():
@@ -200,14 +232,14 @@ class _SplitFiles:
     ``parquet_rows_per_group`` documents but the last, content-defined chunking and page index as datatrove's
     ParquetWriter writes them). Local storage: written in place; remote: in ``tmp``, uploaded at ``close``."""
 
-    def __init__(self, split: str, rank: int, out, tmp: str, vocab: int, eos: int, cfg: Config):
+    def __init__(self, name: str, rank: int, out, tmp: str, vocab: int, eos: int, cfg: Config):
         import pyarrow.parquet as pq
 
         from stages.core.tokens import TokenShardWriter
 
         self.out, self.rows = out, cfg.parquet_rows_per_group
-        self.rels = {ext: f"tokens/{split}/{rank:05d}.{ext}" for ext in ("bin", "idx")}
-        self.rels["parquet"] = f"parquet/{split}/{rank:05d}.parquet"
+        self.rels = {ext: f"tokens/{name}/{rank:05d}.{ext}" for ext in ("bin", "idx")}
+        self.rels["parquet"] = f"parquet/{name}/{rank:05d}.parquet"
         if out.is_local:
             self.local = {k: out.url(rel) for k, rel in self.rels.items()}
             for path in self.local.values():
@@ -305,6 +337,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             index[split].append({"path": rel, "idx": rel[:-4] + ".idx", "n_tokens": h["n_tokens"],
                                  "n_docs": h["n_docs"], "dtype": str(h["dtype"]), "vocab_size": h["vocab_size"],
                                  "eos_id": h["eos_id"]})
+            if cfg.order == "curriculum" and split == "train":
+                index[split][-1]["phase"] = int(rel.split("/")[2][1:])  # tokens/train/pNN/rank.bin
     ctx.out.write_json("index.json", index)
     written = {s: sum(e["n_tokens"] for e in index[s]) for s in SPLITS}
     if written != {"train": n["tokens_train"], "validation": n["tokens_val"]}:
@@ -332,6 +366,16 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                                                 if o["path"] == "mixture.json"), None), "reweight": target}
     errs = [abs(v["share"] - v["share_target"]) for v in mixture["domains"].values() if v["share_target"] is not None]
     mixture["max_share_error_tokens"] = round(max(errs), 6) if errs else None
+    if cfg.order == "curriculum":  # the data order is lineage too: phases of train documents, lowest score first
+        edges = [None, *cfg.curriculum_edges, None]
+        mixture["order"] = {
+            "mode": "curriculum", "key": cfg.curriculum_key, "edges": cfg.curriculum_edges,
+            "unscored_docs": int(tok.get("unscored", 0)),  # in phase 0
+            "phases": [{"phase": k, "from": edges[k], "below": edges[k + 1],
+                        "docs": int(tok.get(f"phase:{k}:docs", 0)), "tokens": int(tok.get(f"phase:{k}:tokens", 0))}
+                       for k in range(len(cfg.curriculum_edges) + 1)]}
+    else:
+        mixture["order"] = {"mode": "shuffled"}
     ctx.out.write_json("mixture.json", mixture)
     metrics["mixture"] = {d: v["share"] for d, v in mixture["domains"].items()}
     metrics["max_share_error_tokens"] = mixture["max_share_error_tokens"]

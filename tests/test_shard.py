@@ -185,3 +185,60 @@ def test_parquet_shards_load_with_hugging_face_datasets(tmp_path, monkeypatch):
     ds = datasets.load_dataset("parquet", data_files={"train": files}, split="train", cache_dir=str(tmp_path / "hf"))
     assert len(ds) == m["counts"]["docs_train"] and ds.column_names == ["text", "id", "url", "domain", "date", "n_tokens"]
     assert sum(ds["n_tokens"]) + len(ds) == m["counts"]["tokens_train"]  # + one EOS per document
+
+
+def test_curriculum_phases_and_sampler_order(tmp_path):
+    """shard.order curriculum: train documents go to phase shards by metadata.quality_score (a stable hash of the
+    id here: the ordering is under test, not a scorer), recorded in index.json and mixture.json; the train
+    sampler given the phases serves the lower phases in the first half of an epoch, shuffled within a phase."""
+    from stages.core.tokens import TokenShard as Shard
+    from stages.reweight import stable_unit
+    from stages.train.data import BatchSampler, WindowDataset, open_shards
+
+    root, docs = str(tmp_path), with_copies(mixed_docs(60, 60, 20))
+    score = {}
+    for d in docs:
+        score[d["id"]] = round(stable_unit("q", base_id(d["id"])), 4)
+        d["metadata"] = {**d["metadata"], "quality_score": score[d["id"]]}
+    docs[3]["metadata"].pop("quality_score")  # unscored: phase 0
+    edges = [0.25, 0.5, 0.75]
+    cfg = load_tiny(tmp_path, {**FAST, "shard.order": "curriculum", "shard.curriculum_edges": edges})
+    m = build(root, "c", docs, cfg)
+    st = Storage(root).sub("c", "shard")
+    index = st.read_json("index.json")
+    phases = [e["phase"] for e in index["train"]]
+    assert [e["path"] for e in index["train"]] == [f"tokens/train/p{p:02d}/{r:05d}.bin" for p in range(4) for r in (0, 1)]
+    assert phases == sorted(phases) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all("phase" not in e and e["path"].count("/") == 2 for e in index["validation"])
+    # every train document sits in the phase of its score, its Parquet row beside its tokens
+    for e in index["train"]:
+        table = pq.read_table(io.BytesIO(st.read_bytes(e["path"].replace("tokens", "parquet").replace(".bin", ".parquet"))))
+        assert table.num_rows == e["n_docs"] == Shard(st, e["path"]).header["n_docs"]
+        lo, hi = ([-1.0, *edges, 2.0][e["phase"]], [-1.0, *edges, 2.0][e["phase"] + 1])
+        for i in table.column("id").to_pylist():
+            assert lo <= score[i] < hi or (i == docs[3]["id"] and e["phase"] == 0)
+    order = st.read_json("mixture.json")["order"]
+    assert order["mode"] == "curriculum" and order["unscored_docs"] == 1 and order["edges"] == edges
+    assert sum(p["docs"] for p in order["phases"]) == m["counts"]["docs_train"]
+    assert sum(p["tokens"] for p in order["phases"]) == m["counts"]["tokens_train"]
+
+    shards = open_shards(st, [e["path"] for e in index["train"]])
+    ds = WindowDataset(shards, 33)
+    assert len(ds.phases) == 4 and sum(ds.phases) == len(ds) and min(ds.phases) > 8
+    sampler, again = BatchSampler(len(ds), 8, seed=3, phases=ds.phases), BatchSampler(len(ds), 8, seed=3, phases=ds.phases)
+    steps = sampler.per_epoch
+    seen = np.concatenate([sampler.global_batch(s) for s in range(steps)])
+    assert np.array_equal(again.global_batch(steps - 1), sampler.global_batch(steps - 1))  # a pure function of the step
+    ph = ds.phase(seen)
+    assert np.all(np.diff(ph) >= 0)  # phases in order through the epoch ...
+    first, second = ph[: len(ph) // 2], ph[len(ph) // 2:]
+    assert first.max() <= second.min() and first.mean() < 1.5 < second.mean()
+    assert not np.all(np.diff(seen[ph == 1]) > 0)  # ... shuffled within a phase
+    # the next epoch starts again from the lowest phase, in another order
+    nxt = sampler.global_batch(steps)
+    assert ds.phase(nxt).max() == 0 and not np.array_equal(nxt, seen[:8])
+    # without phases: one permutation of all windows per epoch, as before
+    plain = BatchSampler(len(ds), 8, seed=3)
+    assert np.array_equal(plain.global_batch(0), np.random.default_rng([3, 0]).permutation(len(ds))[:8])
+    assert np.array_equal(BatchSampler(len(ds), 8, seed=3, phases=[len(ds)]).global_batch(5), plain.global_batch(5))
+    assert set(ds.phase(plain.global_batch(0))) != {0}

@@ -6,9 +6,19 @@ windows never cross a shard boundary). Every epoch visits the windows in a permu
 any step without coordination, and a resumed run gets exactly the batches it would have seen.
 Global batch ``step`` holds windows ``order[step*B : (step+1)*B]``; rank r takes the r-th contiguous
 slice of it, cut into micro-batches. A 1-rank and an N-rank run therefore see the same global batch.
+
+Curriculum (``shard.order: curriculum``): the shard stage writes the train shards of phase k under
+``tokens/train/pKK/`` (lowest quality first), so the sorted shard list is grouped by phase and
+``WindowDataset.phases`` holds the windows per phase. ``BatchSampler(..., phases=ds.phases)`` then orders
+every epoch phase after phase, each phase's windows in a permutation fixed by (seed, epoch, phase): still a
+pure function of (seed, step). Batches at a boundary mix the end of one phase and the start of the next;
+every epoch runs the phases again from the first. Without ``phases`` (or with one phase) the order is the
+shuffled one above, unchanged.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -49,8 +59,15 @@ def open_shards(storage, rels: list[str], vocab_size: int | None = None,
     return shards
 
 
+def shard_phase(rel: str) -> int:
+    """Curriculum phase of a token shard from its path (``tokens/train/p02/00000.bin`` -> 2); 0 without one."""
+    m = re.search(r"(?:^|/)p(\d+)/[^/]+$", rel)
+    return int(m.group(1)) if m else 0
+
+
 class WindowDataset:
-    """Non-overlapping windows of ``window`` tokens over a list of shards."""
+    """Non-overlapping windows of ``window`` tokens over a list of shards. ``phases``: windows per curriculum
+    phase, in order (one entry without a curriculum); the shards must come grouped by phase, lowest first."""
 
     def __init__(self, shards: list[TokenShard], window: int, preload_bytes: int = 512 << 20):
         self.shards, self.window = shards, window
@@ -58,6 +75,11 @@ class WindowDataset:
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # window index -> shard
         self.n_windows = int(self.starts[-1])
         self.n_tokens = self.n_windows * window
+        phase = [shard_phase(sh.rel) for sh in shards]
+        if phase != sorted(phase):
+            raise ShardError(f"token shards are not in curriculum phase order: {[sh.rel for sh in shards]}")
+        self.shard_phase = np.asarray(phase, dtype=np.int64)
+        self.phases = [sum(c for c, p in zip(counts, phase) if p == k) for k in sorted(set(phase))]
         total = sum(sh.n_tokens * sh.dtype.itemsize for sh in shards)
         # small corpora are read once; large ones by one range read per window
         self.cache = None
@@ -66,6 +88,10 @@ class WindowDataset:
 
     def __len__(self) -> int:
         return self.n_windows
+
+    def phase(self, idx) -> np.ndarray:
+        """Curriculum phase of window indices (the phase of the shard each lies in)."""
+        return self.shard_phase[np.searchsorted(self.starts, np.asarray(idx), side="right") - 1]
 
     def __getitem__(self, i: int) -> np.ndarray:
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
@@ -83,19 +109,32 @@ class WindowDataset:
 
 
 class BatchSampler:
-    """Deterministic global batches of window indices, split per rank and micro-batch."""
+    """Deterministic global batches of window indices, split per rank and micro-batch. ``phases``: windows per
+    curriculum phase (``WindowDataset.phases``): each epoch visits them in order, shuffled within each."""
 
-    def __init__(self, n_windows: int, global_batch: int, seed: int):
+    def __init__(self, n_windows: int, global_batch: int, seed: int, phases: list[int] | None = None):
         if n_windows < global_batch:
             raise ShardError(f"only {n_windows} training windows, fewer than one global batch of {global_batch}")
+        if phases is not None and sum(phases) != n_windows:
+            raise ShardError(f"curriculum phases hold {sum(phases)} windows, the dataset {n_windows}")
         self.n, self.B, self.seed = n_windows, global_batch, seed
+        self.phases = [int(p) for p in phases] if phases else [n_windows]
         self.per_epoch = n_windows // global_batch  # a ragged tail of each epoch's order is skipped
         self._epoch, self._order = -1, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window order of one epoch: a permutation by (seed, epoch), or phase after phase, each permuted by
+        (seed, epoch, phase)."""
+        if len(self.phases) == 1:
+            return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        starts = np.concatenate([[0], np.cumsum(self.phases)[:-1]])
+        return np.concatenate([s + np.random.default_rng([self.seed, epoch, k]).permutation(n)
+                               for k, (s, n) in enumerate(zip(starts, self.phases))])
 
     def global_batch(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch, self._order = epoch, self.order(epoch)
         return self._order[k * self.B: (k + 1) * self.B]
 
     def rank_batch(self, step: int, rank: int, world: int) -> np.ndarray:

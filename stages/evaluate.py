@@ -24,8 +24,9 @@ Checkpoints: ``checkpoint`` names a folder of the train output (``final``, ``ste
 ``checkpoints/step_000100``) or, when it has ``://`` or starts with ``/`` or ``.``, a checkpoint folder
 anywhere (local path, relative to the working directory, or ``s3://``): ``kiln stage evaluate --set
 evaluate.checkpoint=URI``. ``checkpoints: all`` (every ``checkpoints/step_N`` the train manifest lists, and
-``final`` unless a step folder has its step) or a list of names adds ``curve`` to the report: the same sets
-and tasks per checkpoint, ordered by step.
+``final``; of two folders with the same step, the same weights, only the first is evaluated: the head
+checkpoint, else the step folder) or a list of names adds ``curve`` to the report: the same sets and tasks
+per checkpoint, ordered by step. Token streams, documents and passages are prepared once for the series.
 """
 
 from __future__ import annotations
@@ -394,6 +395,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     results, curve = {url: (meta, head)}, []
     for name in series_names(ctx, cfg):
         u = _series_url(name, train)
+        if u not in results and cfg.checkpoints == "all":  # final and the last step folder: the same weights
+            st, rel = locate_checkpoint(name, train)
+            if st.read_json(f"{rel}/model_config.json").get("step") in {mt.get("step") for mt, _ in results.values()}:
+                continue
         if u not in results:
             m, mt, u = _load(name, train, V)
             results[u] = (mt, evaluate(m))
@@ -401,9 +406,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         mt, r = results[u]
         curve.append({"checkpoint": name, "url": u, "step": mt.get("step"), "tokens_trained": mt.get("tokens"), **r})
     if curve:
-        if cfg.checkpoints == "all":  # final duplicates the last step folder when training ended on a checkpoint
-            steps = {c["step"] for c in curve if c["checkpoint"] != "final"}
-            curve = [c for c in curve if c["checkpoint"] != "final" or c["step"] not in steps]
         report["curve"] = sorted(curve, key=lambda c: (c["step"] is None, c["step"] or 0))
     ctx.out.write_json("report.json", report)
 

@@ -246,7 +246,7 @@ def test_generate_greedy_and_top_k_with_a_seed():
 @pytest.fixture
 def trained(tmp_path):
     """Upstream artifacts from real text plus a 'train' output holding two freshly initialised GPTs:
-    checkpoints/step_000003 and final (step 7)."""
+    checkpoints/step_000003, and checkpoints/step_000007 = final."""
     from stages.train.checkpoint import save_model
     from stages.train.model import GPT, GPTConfig
 
@@ -257,7 +257,9 @@ def trained(tmp_path):
     torch.manual_seed(1)
     save_model(ckpt, "checkpoints/step_000003", GPT(gcfg), gcfg, {"step": 3, "tokens": 500})
     torch.manual_seed(0)
-    save_model(ckpt, "final", GPT(gcfg), gcfg, {"step": 7, "tokens": 1234})
+    last = GPT(gcfg)
+    for rel in ("checkpoints/step_000007", "final"):  # as train writes them when the last step is a checkpoint
+        save_model(ckpt, rel, last, gcfg, {"step": 7, "tokens": 1234})
     seed_files(storage, "run1", "train", {p: ckpt.read_bytes(p) for p in ckpt.list()},
                counts={"steps": 7, "tokens_trained": 1234})
     lw = tmp_path / "lambada.jsonl"
@@ -336,8 +338,9 @@ def test_evaluate_report(trained):
 
 
 def test_checkpoint_series_and_uri(trained, s3_bucket):
-    """checkpoints: all evaluates every step folder plus final into a curve; a checkpoint given by local path
-    or s3:// URI gives the same numbers as the same folder in the train output."""
+    """checkpoints: all evaluates every step folder plus final into a curve (step_000007 is final's weights:
+    evaluated once); a checkpoint given by local path or s3:// URI gives the same numbers as the same folder
+    in the train output."""
     storage, _, tmp = trained
     base = {"evaluate.val_tokens": 600, "evaluate.doc_tokens": 600, "evaluate.checkpoints": [], "evaluate.generate.prompts": [],
             "evaluate.sets": [{"name": "ptb", "path": str(PTB), "format": "lines", "max_tokens": 300}]}
@@ -374,7 +377,7 @@ def test_evaluate_missing_inputs_fail_clearly(trained):
     bad = load_tiny(None, {**small, "evaluate.sets": [], "evaluate.last_word": [{"name": "lw", "path": str(junk)}]})
     with pytest.raises(StageError, match=rf"last-word task 'lw' at {junk}: no usable passage \(2 lines skipped"):
         run_stage("evaluate", bad, storage, "run1")
-    with pytest.raises(StageError, match=r"no checkpoint 'step_9' in .*train \(have: final, step_000003\)"):
+    with pytest.raises(StageError, match=r"no checkpoint 'step_9' in .*train \(have: final, step_000003, step_000007\)"):
         run_stage("evaluate", load_tiny(None, {**small, "evaluate.checkpoint": "step_9"}), storage, "run1")
     with pytest.raises(StageError, match=r"no checkpoint '/nonexistent/ckpt' in /nonexistent/ckpt"):
         run_stage("evaluate", load_tiny(None, {**small, "evaluate.checkpoint": "/nonexistent/ckpt"}), storage, "run1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +87,41 @@ def test_rolling_windows_are_lm_eval_windows():
                 j = seq.index(y[-1])
                 assert x == seq[j - len(x): j]  # the true tokens right before the last target, contiguous
     assert rolling_windows([], 7, 4) == []
+
+
+LM_EVAL_WHEEL = Path("/opt/pypi-more/files/lm_eval-0.4.13-py3-none-any.whl")
+
+
+@pytest.mark.skipif(not LM_EVAL_WHEEL.exists(), reason="lm-eval's wheel is not on this machine")
+def test_same_as_lm_eval_code(tmp_path):
+    """lm-eval 0.4.13's own functions, read from its wheel on this machine (not installed, not a dependency):
+    rolling windows as HFLM feeds them to the model, the WikiText detokenizer and word/byte counts."""
+    import importlib.util
+    import random
+    import zipfile
+
+    def load(member):
+        with zipfile.ZipFile(LM_EVAL_WHEEL) as z:
+            path = z.extract(member, tmp_path)
+        spec = importlib.util.spec_from_file_location(member.replace("/", "_")[:-3], path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    lu, pw = load("lm_eval/utils.py"), load("lm_eval/tasks/wikitext/preprocess_wikitext.py")
+    rng = random.Random(0)
+    for _ in range(500):
+        n, T = rng.randint(1, 200), rng.randint(1, 40)
+        ids = [rng.randint(0, 999) for _ in range(n)]
+        theirs = []
+        for ctx, cont in map(lu.make_disjoint_window, lu.get_rolling_token_windows(ids, -7, T, 1)):
+            inp = (ctx + cont)[-(T + 1):][:-1]  # HFLM._loglikelihood_tokens: the model's input, last len(cont) scored
+            theirs.append((inp, [-100] * (len(inp) - len(cont)) + cont))
+        assert rolling_windows(ids, -7, T) == theirs
+    for page in wikitext_pages(WIKI.read_text(encoding="utf-8")):
+        assert wikitext_detokenize(page) == pw.wikitext_detokenizer({"page": page})
+        r = pw.process_results({"page": page}, (-1.0,))
+        assert (r["word_perplexity"][1], r["bits_per_byte"][1]) == (count_words(page), len(page.encode()))
 
 
 def test_score_docs_matches_hand_computation_for_any_window():

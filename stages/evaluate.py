@@ -37,7 +37,7 @@ import math
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages.core.config import Strict, resolve_path
 from stages.core.runner import StageContext, StageError, StageResult
@@ -46,7 +46,7 @@ from stages.eval_tasks import (LN2, count_words, decode_file, encode_pair, gener
                                wikitext_detokenize)
 
 log = logging.getLogger("kiln.evaluate")
-__all__ = ["split_documents", "count_words", "rolling_windows"]
+RESERVED = ("validation", "validation_docs")
 
 
 class EvalSet(Strict):
@@ -85,6 +85,16 @@ class Config(Strict):
     sets: list[EvalSet] = [EvalSet(name="wikitext-2", path="../../shared/data/eval/wikitext-2/valid.txt")]
     last_word: list[LastWord] = []
     generate: Generate = Generate()
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [s.name for s in self.sets]
+        dup = sorted({n for n in names if names.count(n) > 1} | set(names) & set(RESERVED))
+        tasks = [t.name for t in self.last_word]
+        dup += sorted({n for n in tasks if tasks.count(n) > 1})
+        if dup:
+            raise ValueError(f"eval set/task names must be unique and not {'/'.join(RESERVED)}: {', '.join(dup)}")
+        return self
 
 
 # -- scoring -------------------------------------------------------------------------------------------
@@ -414,7 +424,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                "val_bits_per_byte": sets["validation_docs"]["bits_per_byte"],
                "val_word_perplexity": sets["validation_docs"]["word_perplexity"]}
     for name, s in sets.items():
-        if name not in ("validation", "validation_docs"):
+        if name not in RESERVED:
             metrics.update({f"{name}_{k}": s[k] for k in ("bits_per_byte", "word_perplexity", "byte_perplexity")})
     for name, r in head["last_word"].items():
         metrics.update({f"{name}_accuracy": r["accuracy"], f"{name}_perplexity": r["perplexity"]})

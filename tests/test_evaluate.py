@@ -419,6 +419,31 @@ def test_evaluate_missing_inputs_fail_clearly(trained):
         run_stage("evaluate", load_tiny(None, {**small, "evaluate.checkpoint": "/nonexistent/ckpt"}), storage, "run1")
 
 
+def test_eval_files_and_checkpoint_uris_are_in_the_fingerprint(trained):
+    """Files outside the DAG count by content: the same file skips the re-run, an edited one re-runs."""
+    storage, _, tmp = trained
+    f = tmp / "ptb_head.txt"
+    f.write_text("\n".join(PTB.read_text(encoding="utf-8").splitlines()[:40]), encoding="utf-8")
+    over = {"evaluate.val_tokens": 200, "evaluate.doc_tokens": 200, "evaluate.checkpoints": [],
+            "evaluate.generate.prompts": [], "evaluate.sets": [{"name": "p", "path": str(f), "format": "lines"}]}
+    first = run_stage("evaluate", load_tiny(None, over), storage, "run1")
+    assert run_stage("evaluate", load_tiny(None, over), storage, "run1").get("skipped")
+    f.write_text("\n".join(PTB.read_text(encoding="utf-8").splitlines()[:41]), encoding="utf-8")
+    again = run_stage("evaluate", load_tiny(None, over), storage, "run1")
+    assert not again.get("skipped") and again["fingerprint"] != first["fingerprint"]
+    assert again["metrics"]["p_bits_per_byte"] != first["metrics"]["p_bits_per_byte"]
+    import shutil
+
+    train = tmp / "store" / "run1" / "train"
+    shutil.copytree(train / "final", tmp / "elsewhere" / "ck")
+    cfg = load_tiny(None, {**over, "evaluate.checkpoint": str(tmp / "elsewhere" / "ck")})
+    a = run_stage("evaluate", cfg, storage, "run1")
+    assert a["fingerprint"] != again["fingerprint"] and run_stage("evaluate", cfg, storage, "run1").get("skipped")
+    shutil.copy(train / "checkpoints" / "step_000003" / "model.pt", tmp / "elsewhere" / "ck" / "model.pt")
+    b = run_stage("evaluate", cfg, storage, "run1")  # other weights under the same URI: evaluated again
+    assert not b.get("skipped") and b["metrics"]["p_bits_per_byte"] != a["metrics"]["p_bits_per_byte"]
+
+
 def test_train_then_evaluate_on_s3(s3_bucket, tmp_path):
     """The real chain on S3 (moto_server): shards and tokenizer in a bucket, a 2-rank torchrun run writing
     its checkpoints there, then evaluate reading them; the trained model beats an untrained one."""

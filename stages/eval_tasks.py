@@ -84,7 +84,7 @@ def split_documents(text: str, fmt: str) -> list[str]:
     if fmt == "paragraphs":
         return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if fmt == "lines":
-        return [ln for ln in text.splitlines() if ln.strip()]
+        return [ln for ln in re.split(r"\r?\n", text) if ln.strip()]
     if fmt == "whole":
         return [text] if text.strip() else []
     raise ValueError(f"unknown plain-text format '{fmt}'")
@@ -100,7 +100,7 @@ def read_jsonl(text: str, field: str, path: str) -> tuple[list[str], int]:
     """The ``field`` of every JSON line. A line that is not JSON, not an object, or lacks a non-empty string
     ``field`` is skipped and counted (the first few are logged with their line number), never fatal."""
     out, skipped = [], 0
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and friends may sit inside a string
         if not line.strip():
             continue
         try:

@@ -201,10 +201,11 @@ def test_plain_text_formats_and_jsonl(tmp_path):
     assert split_documents(shake, "whole") == [shake]
     # JSONL: bad lines are counted and skipped, never fatal
     recs = [json.dumps({"text": p, "id": i}) for i, p in enumerate(paras[:5])]
+    recs[4] = json.dumps({"text": paras[4] + "\u2028"}, ensure_ascii=False)  # a line break inside a string
     raw = "\n".join([recs[0], "{not json", recs[1], json.dumps({"body": "x"}), json.dumps([1, 2]), "", recs[2],
                      json.dumps({"text": 3}), recs[3], recs[4]])
     texts, skipped = read_jsonl(raw, "text", "x.jsonl")
-    assert texts == paras[:5] and skipped == 4
+    assert texts == paras[:4] + [paras[4] + "\u2028"] and skipped == 4
 
 
 # -- last word ------------------------------------------------------------------------------------------------

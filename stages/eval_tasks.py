@@ -5,7 +5,10 @@ models with different tokenizers compare.
   document's tokens are predicted in disjoint blocks of the context length T; the first window reads the
   end-of-text token then the document; every later window reads the T tokens ending just before its last
   prediction, so a short last block is conditioned on a full context (the windows' *predictions* never
-  overlap; the last window's *context* reaches back). Every token is scored exactly once.
+  overlap; the last window's *context* reaches back). Every token is scored exactly once. The prefix is
+  EOS: lm-eval's HF model takes the tokenizer's BOS if it has one, else EOS; Kiln's tokenizer defines a BOS
+  that training never shows (documents are separated by EOS), so EOS is the token a document follows, as
+  ``<|endoftext|>`` is for GPT-2. Checked against lm-eval 0.4.13's own functions (tests/test_evaluate.py).
 - Per-set metrics summed over documents: ``word_perplexity = exp(-Σ loglik / Σ words)``,
   ``byte_perplexity = exp(-Σ loglik / Σ bytes)``, ``bits_per_byte = -Σ loglik / Σ bytes / ln 2`` (UTF-8
   bytes), words counted as lm-eval's ``len(re.split(r"\\s+", text))`` with its quirks: a leading or
@@ -19,7 +22,9 @@ models with different tokenizers compare.
   = " " + the last word; continuation tokens are the tokens of context + continuation after the context's
   own tokens (lm-eval ``_encode_pair``); accuracy = every continuation token is the argmax given the true
   prefix (lm-eval ``is_greedy``, identical to greedy decoding reproducing the word); perplexity =
-  exp(-mean over examples of the word's log-likelihood), lm-eval's ``perplexity`` aggregation.
+  exp(-mean over examples of the word's log-likelihood), lm-eval's ``perplexity`` aggregation. lm-eval
+  prefixes nothing to a non-empty context; Kiln prefixes EOS by default (``prefix_eos``): a passage then
+  starts the way every training document did.
 """
 
 from __future__ import annotations

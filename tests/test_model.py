@@ -73,3 +73,35 @@ def test_activation_checkpointing_same_loss_and_grads():
     for name in g0:  # parameter names carry the wrapper's prefix; the gradients are the same
         match = [v for k, v in g1.items() if k.replace("._checkpoint_wrapped_module", "") == name]
         assert len(match) == 1 and torch.allclose(g0[name], match[0], atol=1e-6), name
+
+
+def test_fused_head_and_loss_equal_the_plain_path():
+    """Training's fused, chunked head + cross-entropy gives the plain path's loss and gradients (fp32: to rounding;
+    bf16 autocast: close), ignoring -100 targets, with a batch that is not a multiple of the chunk."""
+    x = batches(n=12)  # 12 x 32 = 384 rows: one full 256-row chunk and a partial one
+    y = x[:, 1:].clone()
+    y[0, :7] = -100
+    for dtype in ("fp32", "bf16"):
+        results = []
+        for fused in (True, False):
+            torch.manual_seed(0)
+            model = GPT(small(qk_norm=True))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                if fused:
+                    logits, loss = model(x[:, :-1], y)
+                    assert logits is None
+                else:
+                    logits, _ = model(x[:, :-1])
+                    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                                             ignore_index=-100)
+            loss.backward()
+            results.append((loss.item(), {k: p.grad for k, p in model.named_parameters()}))
+        (lf, gf), (lp, gp) = results
+        tol = 1e-5 if dtype == "fp32" else 2e-2
+        assert lf == pytest.approx(lp, rel=tol), dtype
+        for k in gp:
+            scale = gp[k].abs().max().item()
+            assert (gf[k] - gp[k]).abs().max().item() <= tol * max(scale, 1e-3), (dtype, k)
+    with torch.no_grad():  # evaluation keeps the plain path (logits and per-token losses)
+        logits, nll = GPT(small())(x[:, :-1], y, reduction="none")
+        assert logits.shape == (12, 32, 256) and nll.shape == (12, 32)

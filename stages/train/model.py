@@ -1,6 +1,11 @@
 """A compact GPT decoder (nanoGPT-style): token embedding, RoPE, RMSNorm, SwiGLU MLP, causal SDPA, optional
 QK-norm, embedding tied to the output head (optional). Pure model code: no distribution, no I/O.
 
+Training loss: the output head and cross-entropy are fused and chunked (``LinearCrossEntropy``): the full
+(B·T, V) logits are never materialised in fp32, and their gradient is formed chunk by chunk in forward.
+Measured on this CPU (2 threads, bf16 autocast, B·T 2048, d 256, V 8192): head + loss forward and backward
+178 ms plain vs 103 ms fused in 256-row chunks (512: 111, 2048: 155); the matmuls alone are ~60 ms.
+
 Shapes: B batch, T sequence, C d_model, H heads, D head dim (C = H * D), V vocabulary.
 """
 
@@ -51,6 +56,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[: x.size(-2)], sin[: x.size(-2)]  # (T, D/2), broadcast over B, H
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+CE_CHUNK = 256  # rows of logits per chunk in LinearCrossEntropy (fastest of 256/512/1024/2048 here)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean over targets != -100 of cross_entropy(h @ w.T, y), for h (N, C), w (V, C), y (N,).
+
+    Chunks of ``chunk`` rows: logits in the compute dtype (bf16 under autocast), softmax in fp32, and the
+    gradients of h and w (softmax − one-hot, over the valid count) computed right away, so only one chunk of
+    logits is alive at a time. Same numbers as the plain path in fp32 (tests/test_model.py)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            hc_all, wc = h.to(dt), w.to(dt)
+            valid = y != -100
+            n = valid.sum().clamp(min=1)
+            yy = y.clamp(min=0)
+            gh = torch.empty(h.shape, dtype=dt, device=h.device)
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, h.size(0), chunk):
+                hc, yc, vc = hc_all[s: s + chunk], yy[s: s + chunk], valid[s: s + chunk]
+                logits = (hc @ wc.T).float()  # (n, V)
+                lse = logits.logsumexp(-1)  # (n,)
+                total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
+                p = logits.sub_(lse[:, None]).exp_()  # softmax
+                p[torch.arange(len(yc), device=h.device), yc] -= 1
+                g = p.mul_((vc / n).unsqueeze(1)).to(dt)  # d loss / d logits
+                gh[s: s + chunk] = g @ wc
+                gw += (g.T @ hc).float()
+        ctx.save_for_backward(gh.to(h.dtype), gw.to(w.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gh, gw = ctx.saved_tensors
+        return gh * grad_out, gw * grad_out, None, None
 
 
 class Attention(nn.Module):
@@ -122,12 +167,16 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) also the cross-entropy
-        (ignore_index -100; reduction "none" gives per-token losses (B, T))."""
+        (ignore_index -100; reduction "none" gives per-token losses (B, T)). Training (targets, mean, grad
+        enabled) returns (None, loss) from the fused head + loss: no logits."""
         assert idx.size(1) <= self.cfg.seq_len, f"sequence of {idx.size(1)} > context {self.cfg.seq_len}"
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
-        logits = self.head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if targets is not None and reduction == "mean" and torch.is_grad_enabled():  # training: fused head + loss
+            return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.head.weight, targets.flatten())
+        logits = self.head(x)  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,

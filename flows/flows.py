@@ -1,0 +1,104 @@
+"""The flows users deploy: typed parameters (flows/params.py) over the same per-stage task as flows/pipeline.py.
+
+- ``kiln-run``: the whole DAG (deployment ``pipeline``, triggered from the UI), optionally a stage subset;
+- ``kiln-data``: ingest -> shard, a dataset version; ``kiln-train``: train -> evaluate on an existing run's shards;
+- ``kiln-nightly-refresh``: ingest the snapshot ``source`` under run id ``nightly-<version>``, dedup it against the
+  persistent cross-snapshot index (dedup.index; this snapshot's name in it is the version), filter, shard; old
+  versions stay in their own run folders; ``<storage>/nightly/versions.json`` lists them (newest last).
+
+No stage logic here: each stage is one task run of ``run_stage``; a re-run with the same run id resumes at the
+first stage whose manifest is missing or stale (the others are skipped by their manifests). Stage tasks retry
+transient storage errors with exponential backoff (params.retry_transient), never a StageError/ConfigError.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
+
+from flows.params import (DATA_STAGES, RETRIES, RETRY_DELAYS, TRAIN_STAGES, DataStage, NightlyParams, RunParams,
+                          StageName, TrainStage, retry_transient)
+from flows.pipeline import stage_task
+from stages import STAGES
+from stages.core import summary
+from stages.core.config import ConfigError
+from stages.core.storage import Storage
+
+kiln_stage = stage_task.with_options(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2,
+                                     retry_condition_fn=retry_transient)
+
+
+def run_chain(p: RunParams, stages: list[str], extra: dict | None = None):
+    """Run ``stages`` (DAG order) as task runs; a Failed state at the first failed stage, else the run summary."""
+    try:
+        _, uri, rid = p.load(extra)  # a bad profile or override fails here, before any task run
+    except ConfigError as e:
+        get_run_logger().error("config error: %s", e)
+        return Failed(message=f"config error: {e}")
+    overrides = {**p.overrides, **(extra or {})}
+    ran = {}
+    for stage in [s for s in STAGES if s in stages]:
+        state = kiln_stage.with_options(name=stage)(stage, p.config_path(), overrides, uri, rid, p.force,
+                                                    return_state=True)
+        if not state.is_completed():
+            return Failed(message=state.message or f"stage '{stage}' failed")
+        ran[stage] = state.result()
+    result = summary.collect(uri, rid)
+    for row in result["stages"]:
+        row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)
+    result.update(storage=uri, run_id=rid, ran=list(ran))
+    create_markdown_artifact(key=re.sub(r"[^a-z0-9-]+", "-", f"kiln-summary-{rid}".lower())[:100],
+                             markdown="```\n" + summary.render(result) + "\n```",
+                             description=f"Kiln run {rid}: {', '.join(ran)}")
+    return result
+
+
+@flow(name="kiln-run", log_prints=True)
+def kiln_run(run: RunParams = RunParams(), stages: list[StageName] | None = None) -> dict:
+    """Crawl to evaluated checkpoint (all stages, or the selected ones: their inputs must exist in the run)."""
+    return run_chain(run, stages or STAGES)
+
+
+@flow(name="kiln-data", log_prints=True)
+def kiln_data(run: RunParams = RunParams(), stages: list[DataStage] | None = None) -> dict:
+    """Crawl to token shards: ingest -> normalize -> dedup -> filter -> reweight -> tokenizer -> shard."""
+    return run_chain(run, stages or DATA_STAGES)
+
+
+@flow(name="kiln-train", log_prints=True)
+def kiln_train(run: RunParams = RunParams(), stages: list[TrainStage] | None = None) -> dict:
+    """Shards to checkpoint and evaluation report (the run's shard and tokenizer must be complete)."""
+    return run_chain(run, stages or TRAIN_STAGES)
+
+
+def publish_version(storage: str, version: str, result: dict) -> dict:
+    """Append this version to ``<storage>/nightly/versions.json`` (one atomic write; earlier versions kept)."""
+    book = Storage(storage).sub("nightly")
+    versions = book.read_json("versions.json") if book.exists("versions.json") else {"versions": []}
+    rows = {r["stage"]: r for r in result["stages"]}
+    entry = {"version": version, "run_id": result["run_id"],
+             "shards": f"{Storage(storage).sub(result['run_id']).url()}/shard",
+             "documents": (rows.get("shard") or {}).get("documents_out"),
+             "dedup": (rows.get("dedup") or {}).get("documents_out"),
+             "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    versions["versions"] = [v for v in versions["versions"] if v["version"] != version] + [entry]
+    book.write_json("versions.json", versions)
+    return entry
+
+
+@flow(name="kiln-nightly-refresh", log_prints=True)
+def nightly_refresh(run: NightlyParams = NightlyParams()) -> dict:
+    """One snapshot in, one dataset version out (dedup against every earlier snapshot in the index)."""
+    version = run.version or datetime.now(timezone.utc).strftime("%Y%m%d")
+    p = run.model_copy(update={"run_id": run.run_id or f"nightly-{version}"})
+    extra = {"ingest.inputs": run.source, "dedup.snapshot": version}
+    result = run_chain(p, DATA_STAGES + (TRAIN_STAGES if run.continue_training else []), extra)
+    if not isinstance(result, dict):
+        return result
+    entry = publish_version(result["storage"], version, result)
+    get_run_logger().info("published dataset version %s: %s", version, entry)
+    return {**result, "version": entry}

@@ -197,7 +197,8 @@ def generate(model, prompt_ids: list[int], eos_id: int, T: int, max_new_tokens: 
 def generations_markdown(step, checkpoint: str, gens: list[dict]) -> str:
     lines = [f"# Sample generations\n\ncheckpoint `{checkpoint}` (step {step})\n"]
     for g in gens:
-        how = "greedy" if g["mode"] == "greedy" else f"top-{g['top_k']}, temperature {g['temperature']}, seed {g['seed']}"
+        how = ("greedy" if g["mode"] == "greedy"
+               else f"top-{g['top_k']}, temperature {g['temperature']}, seed {g['seed']}")
         lines.append(f"## {how}, {g['new_tokens']} new tokens\n\nprompt: `{g['prompt']}`\n\n```text\n"
                      f"{g['prompt']}{g['text']}\n```\n")
     return "\n".join(lines)

@@ -201,7 +201,8 @@ def eval_last_word(model, pairs, eos_id: int, T: int, batch_size: int = 8, prefi
         raise ValueError("no passage whose last word fits the context")
     res = run_windows(model, [last_word_window(c, w, [eos_id] if prefix_eos else [], T) for c, w in fit], batch_size)
     ll = [-s for s, _ in res]
-    return {"examples": len(fit), "too_long": len(pairs) - len(fit), "accuracy": round(sum(g for _, g in res) / len(fit), 6),
+    return {"examples": len(fit), "too_long": len(pairs) - len(fit),
+            "accuracy": round(sum(g for _, g in res) / len(fit), 6),
             "perplexity": round(_exp(-sum(ll) / len(fit)), 4), "loglikelihood": sum(ll),
             "word_tokens": sum(len(w) for _, w in fit)}
 
@@ -281,11 +282,12 @@ def _load(name: str, train, vocab: int):
         model, meta = load_model(storage, rel)
     except FileNotFoundError:
         where = storage.url(rel) if is_uri(name) else train.url()
-        have = sorted({p.split("/")[1] for p in train.list("checkpoints", suffix="model.pt")}) if not is_uri(name) else []
+        have = [] if is_uri(name) else sorted({p.split("/")[1] for p in train.list("checkpoints", suffix="model.pt")})
         raise StageError(f"evaluate: no checkpoint '{name}' in {where}"
                          + (f" (have: final, {', '.join(have)})" if have else "")) from None
     if model.cfg.vocab_size != vocab:
-        raise StageError(f"evaluate: tokenizer has {vocab} pieces, checkpoint {storage.url(rel)} {model.cfg.vocab_size}")
+        raise StageError(f"evaluate: tokenizer has {vocab} pieces, checkpoint {storage.url(rel)} "
+                         f"{model.cfg.vocab_size}")
     return model, meta, storage.url(rel)
 
 
@@ -430,7 +432,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         metrics.update({f"{name}_accuracy": r["accuracy"], f"{name}_perplexity": r["perplexity"]})
     if curve:
         metrics["curve"] = [{"step": c["step"], "val_loss": c["sets"]["validation"]["loss"],
-                             "val_bits_per_byte": c["sets"]["validation_docs"]["bits_per_byte"]} for c in report["curve"]]
+                             "val_bits_per_byte": c["sets"]["validation_docs"]["bits_per_byte"]}
+                            for c in report["curve"]]
     counts = {"tokens_scored": sum(s["tokens"] for s in sets.values()), "sets": len(sets),
               "last_word_examples": sum(r["examples"] for r in head["last_word"].values()),
               "checkpoints": 1 + len({c["url"] for c in curve} - {url}), "generations": len(gens)}

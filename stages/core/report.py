@@ -1,0 +1,618 @@
+"""One run report: ``<run_id>/report/{report.json, report.md, plots/*.png}``, read from the manifests and the
+artifacts they list, and the comparison of two runs.
+
+Every number is copied from a stage's manifest or from a file that manifest lists (reweight/shard
+``mixture.json``, tokenizer metrics, train ``metrics.jsonl``, evaluate ``report.json``, dedup
+``duplicates.jsonl.gz``, filter ``removed_samples.jsonl.gz``): nothing is recounted, so the report cannot
+disagree with the manifests. The one derived figure is the token estimate before sharding (bytes / the
+trained tokenizer's bytes per token), marked ``tokens_estimated`` and ``~`` as in the run summary.
+
+Lineage: per stage its fingerprint, ``manifest_sha256`` (``runner.manifest_hash``: sha256 of the canonical JSON,
+the value every downstream manifest records under ``inputs``) and ``file_sha256`` (sha256 of the manifest.json
+bytes in storage), and per recorded input whether it still equals the upstream manifest (``consistent``).
+``behind_checkpoint`` marks train and every stage train depends on (transitively).
+
+Plots are matplotlib on the Agg backend (no display), PNG at 110 dpi, written through ``Storage`` (local or S3).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from datetime import datetime, timezone
+
+from stages import NEEDS, STAGES
+from stages.core.runner import MANIFEST, manifest_hash, read_manifest
+from stages.core.storage import Storage
+
+REPORT_DIR = "report"
+EVAL_KEYS = ("loss", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "accuracy")
+TRAIN_KEYS = ("steps", "tokens_trained", "params", "first_loss", "final_loss", "final_loss_avg5", "tokens_per_s",
+              "tokens_per_s_overall", "mfu", "train_wall_s", "world_size", "dtype")
+TOKENIZER_KEYS = ("vocab_size", "bytes_per_token", "heldout_docs", "heldout_bytes", "heldout_tokens",
+                  "byte_fallback_share", "vocab_byte_coverage", "roundtrip_ok", "hf_agreement", "sample_docs",
+                  "sample_bytes", "train_seconds")
+SAMPLE_FILES = ("removed_samples.jsonl.gz", "duplicates.jsonl.gz")  # removed-document artifacts stages write
+
+
+def _root(storage, run_id: str) -> Storage:
+    return (storage if isinstance(storage, Storage) else Storage(storage)).sub(run_id)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_json(st: Storage, rel: str):
+    try:
+        return st.read_json(rel) if st.exists(rel) else None
+    except (ValueError, OSError):
+        return None
+
+
+def _read_jsonl(st: Storage, rel: str) -> list[dict]:
+    if not st.exists(rel):
+        return []
+    data = st.read_bytes(rel)
+    if rel.endswith(".gz"):
+        data = gzip.decompress(data)
+    rows = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _ancestors(stage: str) -> set[str]:
+    out, todo = set(), list(NEEDS.get(stage, []))
+    while todo:
+        s = todo.pop()
+        if s not in out:
+            out.add(s)
+            todo.extend(NEEDS.get(s, []))
+    return out
+
+
+def _outputs(m: dict) -> list[str]:
+    return [o.get("path") for o in m.get("outputs", []) if isinstance(o, dict)]
+
+
+# -- sections ------------------------------------------------------------------------------------------------
+def _funnel(ms: dict, root: Storage) -> list[dict]:
+    bpt = (ms.get("tokenizer") or {}).get("metrics", {}).get("bytes_per_token")
+    rows = []
+    for stage, m in ms.items():
+        c = m.get("counts", {}) or {}
+        tokens, est = c.get("tokens_out"), False
+        if tokens is None and _num(c.get("bytes_out")) and _num(bpt) and bpt > 0:
+            tokens, est = round(c["bytes_out"] / bpt), True
+        samples = [root.sub(stage).url(p) for p in _outputs(m) if p.rsplit("/", 1)[-1] in SAMPLE_FILES]
+        rows.append({"stage": stage, "records_in": c.get("documents_in") if stage == "ingest" else None,
+                     "documents_in": c.get("documents_in"), "documents_out": c.get("documents_out"),
+                     "bytes_out": c.get("bytes_out"), "words_out": c.get("words_out"), "tokens": tokens,
+                     "tokens_estimated": est, "removed": dict(c.get("removed") or {}),
+                     "added": dict(c.get("added") or {}), "removed_samples": samples,
+                     "wall_time_s": m.get("wall_time_s")})
+    return rows
+
+
+def _removed(ms: dict, root: Storage) -> dict:
+    """Per stage: removed by reason, the filters' finer reasons / bytes / words, and the sample files with how
+    many samples each reason has in them."""
+    out = {}
+    for stage, m in ms.items():
+        c = m.get("counts", {}) or {}
+        removed = {k: v for k, v in (c.get("removed") or {}).items()}
+        if not removed and not c.get("files_skipped"):
+            continue
+        entry = {"by_reason": removed}
+        for k in ("removed_reasons", "removed_bytes", "removed_words", "removed_tokens_est", "files_skipped"):
+            if c.get(k):
+                entry[k] = c[k]
+        st = root.sub(stage)
+        for p in _outputs(m):
+            if p.rsplit("/", 1)[-1] in SAMPLE_FILES:
+                rows = _read_jsonl(st, p)
+                per = {}
+                for r in rows:
+                    key = r.get("filter") or r.get("reason") or "?"
+                    per[key] = per.get(key, 0) + 1
+                entry.setdefault("samples", []).append({"url": st.url(p), "rows": len(rows), "by_reason": per})
+        out[stage] = entry
+    return out
+
+
+def _dedup(m: dict | None, root: Storage, top: int = 10) -> dict | None:
+    if not m:
+        return None
+    c = m.get("counts", {}) or {}
+    out = {"removed": c.get("removed"), "near": c.get("near"), "index": c.get("index"),
+           "documents_in": c.get("documents_in"), "documents_out": c.get("documents_out")}
+    if "duplicates.jsonl.gz" in _outputs(m):
+        rows = _read_jsonl(root.sub("dedup"), "duplicates.jsonl.gz")
+        clusters: dict = {}
+        for r in rows:
+            if r.get("reason") == "near" and r.get("cluster") is not None:
+                cl = clusters.setdefault(r["cluster"], {"cluster": r["cluster"], "kept_id": r.get("kept_id"),
+                                                        "removed": 0, "min_jaccard": None, "urls": []})
+                cl["removed"] += 1
+                if _num(r.get("jaccard")):
+                    cl["min_jaccard"] = r["jaccard"] if cl["min_jaccard"] is None else min(cl["min_jaccard"], r["jaccard"])
+                cl["urls"].append(r.get("url"))
+        out["largest_clusters"] = sorted(clusters.values(), key=lambda x: (-x["removed"], str(x["cluster"])))[:top]
+        out["duplicates_url"] = root.sub("dedup").url("duplicates.jsonl.gz")
+        out["duplicates_by_reason"] = {}
+        for r in rows:
+            out["duplicates_by_reason"][r.get("reason")] = out["duplicates_by_reason"].get(r.get("reason"), 0) + 1
+    return out
+
+
+def _mixture(ms: dict, root: Storage) -> dict | None:
+    rw, sh = ms.get("reweight"), ms.get("shard")
+    if not rw and not sh:
+        return None
+    out = {}
+    if rw:
+        mix = _read_json(root.sub("reweight"), "mixture.json") if "mixture.json" in _outputs(rw) else None
+        if isinstance(mix, dict) and isinstance(mix.get("domains"), dict):
+            out["key"] = mix.get("key")
+            out["domains"] = mix["domains"]
+            out["max_share_error"] = mix.get("max_share_error")
+            out["note"] = mix.get("note")
+            out["mixture_url"] = root.sub("reweight").url("mixture.json")
+        else:  # an older reweight: the manifest's mixture only
+            out["key"] = (rw.get("config") or {}).get("key")
+            out["domains"] = rw.get("metrics", {}).get("mixture") or {}
+    if sh:
+        mix = _read_json(root.sub("shard"), "mixture.json") if "mixture.json" in _outputs(sh) else None
+        if isinstance(mix, dict) and isinstance(mix.get("domains"), dict):
+            out["tokens"] = {d: {k: v.get(k) for k in ("tokens", "share", "share_target", "epochs")}
+                             for d, v in mix["domains"].items()}
+            out["max_share_error_tokens"] = mix.get("max_share_error_tokens")
+        elif isinstance(sh.get("metrics", {}).get("mixture"), dict):
+            out["tokens"] = {d: {"share": v} for d, v in sh["metrics"]["mixture"].items()}
+    return out
+
+
+def _tokenizer(ms: dict) -> dict | None:
+    m = ms.get("tokenizer")
+    if not m:
+        return None
+    met = m.get("metrics", {}) or {}
+    out = {k: met[k] for k in TOKENIZER_KEYS if k in met}
+    out["model_type"] = (m.get("config") or {}).get("model_type")
+    if isinstance(met.get("bytes_per_token_by_domain"), dict):
+        out["bytes_per_token_by_domain"] = met["bytes_per_token_by_domain"]
+    sh = (ms.get("shard") or {}).get("metrics", {})
+    if "bytes_per_token" in sh:
+        out["corpus_bytes_per_token"] = sh["bytes_per_token"]  # realized by the shard stage over every document
+    return out
+
+
+def _training(ms: dict, root: Storage) -> dict | None:
+    m = ms.get("train")
+    if not m:
+        return None
+    met = {**(m.get("counts") or {}), **(m.get("metrics") or {})}
+    out = {"summary": {k: met[k] for k in TRAIN_KEYS if k in met}, "checkpoint": root.sub("train").url("final")}
+    weights = [o for o in m.get("outputs", []) if o.get("path") in ("final/model.safetensors", "final/model.pt")]
+    if weights:
+        out["checkpoint_files"] = [{"path": o["path"], "sha256": o.get("sha256"), "bytes": o.get("bytes")} for o in weights]
+    rows = _read_jsonl(root.sub("train"), "metrics.jsonl") if "metrics.jsonl" in _outputs(m) else []
+    keys = ("step", "loss", "lr", "tokens_per_s", "grad_norm", "tokens", "mfu")
+    out["curve"] = [{k: r[k] for k in keys if _num(r.get(k))} for r in rows if _num(r.get("step"))]
+    out["metrics_url"] = root.sub("train").url("metrics.jsonl") if rows else None
+    return out
+
+
+def _evaluation(ms: dict, root: Storage) -> dict | None:
+    m = ms.get("evaluate")
+    if not m:
+        return None
+    rep = _read_json(root.sub("evaluate"), "report.json") if "report.json" in _outputs(m) else None
+    if not isinstance(rep, dict):
+        return {"sets": {}, "metrics": m.get("metrics", {}), "report_url": None}
+    sets = {}
+    for name, s in (rep.get("sets") or {}).items():
+        if isinstance(s, dict):
+            sets[name] = {k: s.get(k) for k in ("documents", "tokens", "words", "bytes", *EVAL_KEYS) if k in s}
+    tasks = {n: {k: t.get(k) for k in ("examples", "accuracy", "perplexity") if k in t}
+             for n, t in (rep.get("last_word") or {}).items() if isinstance(t, dict)}
+    curve = []
+    for c in rep.get("curve") or []:
+        if isinstance(c, dict):
+            cs = c.get("sets") or {}
+            curve.append({"step": c.get("step"), "checkpoint": c.get("checkpoint"),
+                          **{f"{n}.{k}": v.get(k) for n, v in cs.items() if isinstance(v, dict)
+                             for k in ("loss", "bits_per_byte") if v.get(k) is not None}})
+    gens = [{k: g.get(k) for k in ("prompt", "mode", "top_k", "seed", "text")} for g in rep.get("generations") or []
+            if isinstance(g, dict)]
+    return {"checkpoint": rep.get("checkpoint"), "step": rep.get("step"), "params": rep.get("params"), "sets": sets,
+            "last_word": tasks, "curve": curve, "generations": gens, "report_url": root.sub("evaluate").url("report.json"),
+            "generations_url": root.sub("evaluate").url("generations.md") if "generations.md" in _outputs(m) else None}
+
+
+def _lineage(ms: dict, root: Storage) -> list[dict]:
+    hashes = {s: manifest_hash(m) for s, m in ms.items()}
+    behind = _ancestors("train") | {"train"}
+    rows = []
+    for stage, m in ms.items():
+        inputs = {}
+        for dep, rec in (m.get("inputs") or {}).items():
+            rec = rec if isinstance(rec, dict) else {}
+            inputs[dep] = {"manifest_sha256": rec.get("manifest_sha256"), "fingerprint": rec.get("fingerprint"),
+                           "consistent": rec.get("manifest_sha256") == hashes.get(dep)}
+        rows.append({"stage": stage, "fingerprint": m.get("fingerprint"), "manifest_sha256": hashes[stage],
+                     "file_sha256": hashlib.sha256(root.read_bytes(f"{stage}/{MANIFEST}")).hexdigest(),
+                     "manifest_url": root.sub(stage).url(MANIFEST), "code_version": m.get("code_version"),
+                     "finished_at": m.get("finished_at"), "behind_checkpoint": stage in behind, "inputs": inputs})
+    return rows
+
+
+def build(storage: str | Storage, run_id: str) -> dict:
+    """The report of one run as a dict (nothing written). Stages without a manifest are left out."""
+    root = _root(storage, run_id)
+    ms = {s: m for s in STAGES if (m := read_manifest(root, s)) is not None}
+    norm = (ms.get("normalize") or {}).get("counts", {})
+    return {"run_id": run_id, "location": root.url(), "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "stages": list(ms), "complete": len(ms) == len(STAGES),
+            "funnel": _funnel(ms, root), "removed": _removed(ms, root), "dedup": _dedup(ms.get("dedup"), root),
+            "languages": norm.get("languages"), "mixture": _mixture(ms, root), "tokenizer": _tokenizer(ms),
+            "training": _training(ms, root), "evaluation": _evaluation(ms, root), "lineage": _lineage(ms, root),
+            "config": {s: m.get("config") for s, m in ms.items()}}
+
+
+# -- plots ---------------------------------------------------------------------------------------------------
+def _fig(*a, **kw):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(*a, **kw)
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plots(rep: dict) -> dict[str, bytes]:
+    """PNG bytes by file name: training (loss + lr), throughput (tokens/s), funnel (documents per stage),
+    domain_mix (shares before/after reweighting, realized token shares). A plot without data is left out."""
+    out, run = {}, rep["run_id"]
+    curve = (rep.get("training") or {}).get("curve") or []
+    pts = [r for r in curve if "loss" in r]
+    if pts:
+        plt, (fig, ax) = _fig(figsize=(7, 4))
+        ax.plot([r["step"] for r in pts], [r["loss"] for r in pts], color="tab:blue", label="train loss")
+        ev = [c for c in ((rep.get("evaluation") or {}).get("curve") or []) if c.get("validation.loss") is not None
+              and c.get("step") is not None]
+        if ev:
+            ax.plot([c["step"] for c in ev], [c["validation.loss"] for c in ev], "o--", color="tab:green",
+                    label="validation loss (evaluate)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats / token)")
+        lr = [r for r in curve if "lr" in r]
+        h, lab = ax.get_legend_handles_labels()
+        if lr:
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in lr], [r["lr"] for r in lr], color="tab:orange", alpha=0.8, label="learning rate")
+            ax2.set_ylabel("learning rate")
+            h2, l2 = ax2.get_legend_handles_labels()
+            h, lab = h + h2, lab + l2
+        ax.legend(h, lab, loc="upper right")
+        ax.set_title(f"Training loss and learning rate — run {run}")
+        ax.grid(alpha=0.3)
+        out["training.png"] = _png(plt, fig)
+    tps = [r for r in curve if "tokens_per_s" in r]
+    if tps:
+        plt, (fig, ax) = _fig(figsize=(7, 3.5))
+        ax.plot([r["step"] for r in tps], [r["tokens_per_s"] for r in tps], color="tab:purple", marker=".")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("tokens / s (all ranks)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"Training throughput — run {run}")
+        ax.grid(alpha=0.3)
+        out["throughput.png"] = _png(plt, fig)
+    fun = [r for r in rep.get("funnel") or [] if r.get("documents_out") is not None]
+    if fun:
+        plt, (fig, ax) = _fig(figsize=(7, 4))
+        names = [r["stage"] for r in fun]
+        docs = [r["documents_out"] for r in fun]
+        if fun[0].get("records_in") is not None:
+            names, docs = ["records"] + names, [fun[0]["records_in"]] + docs
+        bars = ax.bar(names, docs, color="tab:blue")
+        ax.bar_label(bars, labels=[f"{d:,}" for d in docs], fontsize=8)
+        ax.set_xlabel("stage (documents after it)")
+        ax.set_ylabel("documents")
+        ax.set_title(f"Data funnel — run {run}")
+        ax.tick_params(axis="x", rotation=30)
+        out["funnel.png"] = _png(plt, fig)
+    mix = rep.get("mixture") or {}
+    doms = mix.get("domains") or {}
+    if doms and all(isinstance(v, dict) and "share_before" in v for v in doms.values()):
+        import numpy as np
+
+        names = sorted(doms)
+        series = [("before reweighting", [doms[d].get("share_before") or 0 for d in names]),
+                  ("after reweighting", [doms[d].get("share_after") or 0 for d in names])]
+        tok = mix.get("tokens") or {}
+        if tok:
+            series.append(("realized (shard tokens)", [(tok.get(d) or {}).get("share") or 0 for d in names]))
+        plt, (fig, ax) = _fig(figsize=(7, 4))
+        x, w = np.arange(len(names)), 0.8 / len(series)
+        for i, (lab, vals) in enumerate(series):
+            ax.bar(x + (i - (len(series) - 1) / 2) * w, vals, w, label=lab)
+        ax.set_xticks(x, names, rotation=20, ha="right")
+        ax.set_xlabel(f"{mix.get('key') or 'domain'}")
+        ax.set_ylabel("share of tokens")
+        ax.set_title(f"Domain mix before / after reweighting — run {run}")
+        ax.legend()
+        out["domain_mix.png"] = _png(plt, fig)
+    return out
+
+
+# -- markdown ------------------------------------------------------------------------------------------------
+def _n(v, approx: bool = False) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    s = f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    return ("~" + s) if approx else s
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def funnel_table(rep: dict) -> list[dict]:
+    """The funnel as flat rows (the Prefect table artifact and the CLI)."""
+    return [{"stage": r["stage"], "documents_in": r["documents_in"], "documents_out": r["documents_out"],
+             "bytes_out": r["bytes_out"], "tokens": r["tokens"], "tokens_estimated": r["tokens_estimated"],
+             "removed": ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v)} for r in rep["funnel"]]
+
+
+def eval_table(rep: dict) -> list[dict]:
+    ev = rep.get("evaluation") or {}
+    rows = [{"set": n, **{k: s.get(k) for k in ("tokens", *EVAL_KEYS[:5])}} for n, s in ev.get("sets", {}).items()]
+    rows += [{"set": n, "accuracy": t.get("accuracy"), "perplexity": t.get("perplexity")}
+             for n, t in ev.get("last_word", {}).items()]
+    return rows
+
+
+def render_funnel(rep: dict) -> str:
+    head = f"{'stage':<10} {'docs in':>9} {'docs out':>9} {'MB out':>8} {'tokens':>12}  removed"
+    lines = [head, "-" * len(head)]
+    for r in rep["funnel"]:
+        mb = f"{r['bytes_out'] / 1e6:.2f}" if _num(r["bytes_out"]) else "-"
+        removed = ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v)
+        lines.append(f"{r['stage']:<10} {_n(r['documents_in']):>9} {_n(r['documents_out']):>9} {mb:>8} "
+                     f"{_n(r['tokens'], r['tokens_estimated']):>12}  {removed}")
+    return "\n".join(lines)
+
+
+def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
+    """report.md. ``plot_links``: file name -> link target (relative in storage, URLs for Prefect)."""
+    L = [f"# Kiln run report: `{rep['run_id']}`", "", f"Location: `{rep['location']}` · generated {rep['generated_at']}"
+         + ("" if rep["complete"] else " · **incomplete run** (stages present: " + ", ".join(rep["stages"]) + ")"), ""]
+    links = plot_links or {}
+    L += ["## Data funnel", ""]
+    L += _table(["stage", "records / docs in", "docs out", "bytes out", "words out", "tokens", "removed", "added"],
+                [[r["stage"], _n(r["records_in"] if r["records_in"] is not None else r["documents_in"]),
+                  _n(r["documents_out"]), _n(r["bytes_out"]), _n(r["words_out"]), _n(r["tokens"], r["tokens_estimated"]),
+                  ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v) or "",
+                  ", ".join(f"{k}={v}" for k, v in r["added"].items() if v) or ""] for r in rep["funnel"]])
+    if any(r["tokens_estimated"] for r in rep["funnel"]):
+        L += ["~ tokens before sharding: bytes / the trained tokenizer's bytes per token.", ""]
+    if "funnel.png" in links:
+        L += [f"![documents per stage]({links['funnel.png']})", ""]
+    L += ["## Removed, by reason", ""]
+    for stage, e in rep["removed"].items():
+        reasons = {k: v for k, v in e["by_reason"].items() if v}
+        L.append(f"**{stage}**: " + (", ".join(f"{k} {v:,}" for k, v in reasons.items()) or "nothing removed"))
+        if e.get("files_skipped") and any(e["files_skipped"].values()):
+            L.append(f"files skipped: {e['files_skipped']}")
+        if e.get("removed_reasons"):
+            rows = [[f, _n(e["by_reason"].get(f)), _n((e.get("removed_bytes") or {}).get(f)),
+                     ", ".join(f"{k} {v}" for k, v in sub.items())] for f, sub in e["removed_reasons"].items()]
+            L += [""] + _table(["filter", "documents", "bytes", "reasons"], rows)
+        for s in e.get("samples", []):
+            L.append(f"samples: [{s['url']}]({s['url']}) ({s['rows']} documents: "
+                     + ", ".join(f"{k} {v}" for k, v in s["by_reason"].items()) + ")")
+        L.append("")
+    d = rep.get("dedup")
+    if d:
+        near = d.get("near") or {}
+        L += ["## Dedup clusters", "", f"removed {d.get('removed')}; near: {near.get('clusters', '-')} clusters, "
+              f"{near.get('candidate_pairs', '-')} LSH candidate pairs, {near.get('verified_pairs', '-')} verified "
+              f"(Jaccard ≥ threshold), {near.get('rejected_candidates', '-')} rejected", ""]
+        if d.get("largest_clusters"):
+            L += _table(["cluster", "removed", "min Jaccard", "kept id", "removed urls"],
+                        [[c["cluster"], c["removed"], _n(c["min_jaccard"]), c["kept_id"],
+                          "<br>".join(str(u) for u in c["urls"][:3]) + (" …" if len(c["urls"]) > 3 else "")]
+                         for c in d["largest_clusters"]])
+    if rep.get("languages"):
+        L += ["## Language mix (normalize)", ""]
+        L += _table(["language", "documents"], [[k, _n(v)] for k, v in sorted(rep["languages"].items(), key=lambda x: -x[1])])
+    mix = rep.get("mixture")
+    if mix and mix.get("domains"):
+        L += [f"## Domain mix ({mix.get('key') or 'domain'}) before / after reweighting", ""]
+        tok = mix.get("tokens") or {}
+        rows = []
+        for dname, v in sorted(mix["domains"].items()):
+            v = v if isinstance(v, dict) else {}
+            rows.append([dname, _n(v.get("weight")), _n(v.get("docs")), _n(v.get("docs_after")), _n(v.get("share_before")),
+                         _n(v.get("share_target")), _n(v.get("share_after")), _n((tok.get(dname) or {}).get("share")),
+                         _n((tok.get(dname) or {}).get("tokens")), _n(v.get("epochs"))])
+        L += _table(["domain", "weight", "docs before", "docs after", "share before", "target", "share after",
+                     "token share (shard)", "tokens (shard)", "epochs"], rows)
+        if "domain_mix.png" in links:
+            L += [f"![domain mix]({links['domain_mix.png']})", ""]
+    t = rep.get("tokenizer")
+    if t:
+        L += ["## Tokenizer", ""]
+        L += _table(["stat", "value"], [[k, _n(v)] for k, v in t.items() if not isinstance(v, dict)])
+        if t.get("bytes_per_token_by_domain"):
+            L += _table(["held-out domain", "docs", "bytes", "tokens", "bytes / token"],
+                        [[k, _n(v.get("docs")), _n(v.get("bytes")), _n(v.get("tokens")), _n(v.get("bytes_per_token"))]
+                         for k, v in t["bytes_per_token_by_domain"].items()])
+    tr = rep.get("training")
+    if tr:
+        L += ["## Training", "", f"checkpoint: `{tr['checkpoint']}`", ""]
+        for f in tr.get("checkpoint_files", []):
+            L.append(f"- `{f['path']}` sha256 `{f['sha256']}`")
+        L += [""] + _table(["metric", "value"], [[k, _n(v)] for k, v in tr["summary"].items()])
+        for name, alt in (("training.png", "training loss and learning rate"), ("throughput.png", "tokens per second")):
+            if name in links:
+                L += [f"![{alt}]({links[name]})", ""]
+    ev = rep.get("evaluation")
+    if ev:
+        L += ["## Evaluation", ""]
+        if ev.get("report_url"):
+            L += [f"checkpoint `{ev.get('checkpoint')}` (step {ev.get('step')}); [report.json]({ev['report_url']})", ""]
+        if ev.get("sets"):
+            L += _table(["set", "tokens", *EVAL_KEYS[:5]], [[r["set"], *(_n(r.get(k)) for k in ("tokens", *EVAL_KEYS[:5]))]
+                                                             for r in eval_table(rep) if "tokens" in r])
+        if ev.get("last_word"):
+            L += _table(["last-word task", "examples", "accuracy", "perplexity"],
+                        [[n, _n(t.get("examples")), _n(t.get("accuracy")), _n(t.get("perplexity"))] for n, t in ev["last_word"].items()])
+        if ev.get("metrics") and not ev.get("sets"):
+            L += _table(["metric", "value"], [[k, _n(v)] for k, v in ev["metrics"].items() if not isinstance(v, (list, dict))])
+        if ev.get("curve"):
+            keys = sorted({k for c in ev["curve"] for k in c if k not in ("step", "checkpoint")})
+            L += ["Per checkpoint:", ""] + _table(["step", *keys], [[_n(c.get("step")), *(_n(c.get(k)) for k in keys)]
+                                                                  for c in ev["curve"]])
+        if ev.get("generations"):
+            L += ["Sample generations:", ""]
+            for g in ev["generations"]:
+                how = "greedy" if g.get("mode") == "greedy" else f"top-{g.get('top_k')}, seed {g.get('seed')}"
+                L.append(f"- ({how}) **{g.get('prompt')}**{str(g.get('text') or '').replace(chr(10), ' ')}")
+            L.append("")
+    L += ["## Lineage", "", "manifest sha256 = `runner.manifest_hash` (what downstream manifests record); file sha256 = "
+          "the manifest.json bytes. ✓: the hash an input recorded equals that input's manifest now.", ""]
+    rows = []
+    for r in rep["lineage"]:
+        ins = ", ".join(f"{k} {v['manifest_sha256'][:12] if v['manifest_sha256'] else '-'}{' ✓' if v['consistent'] else ' ✗'}"
+                        for k, v in r["inputs"].items())
+        rows.append([r["stage"], "yes" if r["behind_checkpoint"] else "", f"`{r['fingerprint']}`",
+                     f"`{r['manifest_sha256']}`", f"`{r['file_sha256']}`", ins])
+    L += _table(["stage", "behind checkpoint", "fingerprint", "manifest sha256", "file sha256", "inputs"], rows)
+    return "\n".join(L)
+
+
+def write(storage: str | Storage, run_id: str, rep: dict | None = None) -> dict:
+    """Build (unless given) and write ``<run_id>/report/``: report.json, report.md, plots/*.png.
+    Returns the report with ``files`` (name -> storage URL) added."""
+    rep = rep if rep is not None else build(storage, run_id)
+    out = _root(storage, run_id).sub(REPORT_DIR)
+    pngs = plots(rep)
+    for name, data in pngs.items():
+        out.write_bytes(f"plots/{name}", data)
+    rep["plots"] = {name: out.url(f"plots/{name}") for name in pngs}
+    md = render_markdown(rep, {name: f"plots/{name}" for name in pngs})
+    out.write_bytes("report.md", md.encode())
+    rep["files"] = {"report.md": out.url("report.md"), "report.json": out.url("report.json"), **rep["plots"]}
+    out.write_json("report.json", rep)
+    return rep
+
+
+# -- comparing two runs --------------------------------------------------------------------------------------
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and not any(isinstance(x, (dict, list)) for x in d):
+        out[prefix[:-1]] = json.dumps(d)
+    elif isinstance(d, list):
+        out[prefix[:-1]] = json.dumps(d, sort_keys=True)
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def _delta(a, b):
+    return round(b - a, 6) if _num(a) and _num(b) else None
+
+
+def _rows(section: str, a: dict, b: dict, only_changed: bool = False) -> list[dict]:
+    rows = []
+    for k in list(dict.fromkeys([*a, *b])):
+        va, vb = a.get(k), b.get(k)
+        if only_changed and va == vb:
+            continue
+        rows.append({"section": section, "item": k, "a": va, "b": vb, "delta": _delta(va, vb)})
+    return rows
+
+
+def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
+    """What changed between two runs in the same storage: config (changed keys only), funnel counts per stage,
+    removed by reason, domain mix, tokenizer, training summary and evaluation per set. Rows: section, item,
+    a, b, delta (b - a for numbers)."""
+    A, B = build(storage, run_a), build(storage, run_b)
+    rows = []
+    for s in dict.fromkeys([*A["config"], *B["config"]]):
+        rows += _rows(f"config {s}", _flat(A["config"].get(s) or {}), _flat(B["config"].get(s) or {}), only_changed=True)
+
+    def funnel(rep):
+        out = {}
+        for r in rep["funnel"]:
+            for k in ("documents_out", "bytes_out", "tokens"):
+                if r.get(k) is not None:
+                    out[f"{r['stage']} {k}"] = r[k]
+        return out
+
+    def removed(rep):
+        return {f"{r['stage']} {k}": v for r in rep["funnel"] for k, v in r["removed"].items()}
+
+    def mixture(rep):
+        m = rep.get("mixture") or {}
+        out = {f"{d} share_after": v.get("share_after") for d, v in (m.get("domains") or {}).items() if isinstance(v, dict)}
+        out.update({f"{d} token share": v.get("share") for d, v in (m.get("tokens") or {}).items()})
+        return out
+
+    def tok(rep):
+        return {k: v for k, v in (rep.get("tokenizer") or {}).items() if not isinstance(v, dict)}
+
+    def train(rep):
+        return dict((rep.get("training") or {}).get("summary") or {})
+
+    def evals(rep):
+        return {f"{r['set']} {k}": r[k] for r in eval_table(rep) for k in EVAL_KEYS if r.get(k) is not None}
+
+    for name, fn in (("funnel", funnel), ("removed", removed), ("mixture", mixture), ("tokenizer", tok),
+                     ("train", train), ("eval", evals)):
+        rows += _rows(name, fn(A), fn(B))
+    fps = {r["stage"]: r["fingerprint"] for r in A["lineage"]}
+    fpb = {r["stage"]: r["fingerprint"] for r in B["lineage"]}
+    return {"a": run_a, "b": run_b, "location": _root(storage, "").url(), "rows": rows,
+            "stages_changed": [s for s in STAGES if fps.get(s) != fpb.get(s)]}
+
+
+def render_compare(diff: dict, all_rows: bool = False) -> str:
+    """A diff table: every row whose value differs (all rows with ``all_rows``)."""
+    rows = [r for r in diff["rows"] if all_rows or r["a"] != r["b"]]
+    w = max([len(f"{r['section']}: {r['item']}") for r in rows] + [20])
+    head = f"{'what':<{w}} {diff['a'][:18]:>18} {diff['b'][:18]:>18} {'delta':>12}"
+    lines = [f"Kiln runs '{diff['a']}' vs '{diff['b']}' in {diff['location']}",
+             "stages whose fingerprint differs: " + (", ".join(diff["stages_changed"]) or "none"), head, "-" * len(head)]
+    for r in rows:
+        d = r["delta"]
+        ds = "" if d is None else (f"{d:+,}" if isinstance(d, int) else f"{d:+.4g}")
+        lines.append(f"{r['section'] + ': ' + r['item']:<{w}} {_n(r['a'])[:18]:>18} {_n(r['b'])[:18]:>18} {ds:>12}")
+    if len(lines) == 4:
+        lines.append("(no differences)")
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ TAGS = ["kiln"]
 
 def deployments(cron: str | None = None, timezone: str | None = None, nightly: bool = True) -> list:
     """RunnerDeployments for ``prefect.serve`` (names: pipeline, data, train, nightly-refresh)."""
-    from flows.flows import kiln_data, kiln_run, kiln_train, nightly_refresh
+    from flows.nightly import kiln_data, kiln_run, kiln_train, nightly_refresh
 
     cron = cron or os.environ.get("KILN_NIGHTLY_CRON") or DEFAULT_CRON
     timezone = timezone or os.environ.get("KILN_NIGHTLY_TZ") or "UTC"

@@ -1,4 +1,6 @@
-"""The flows users deploy: typed parameters (flows/params.py) over the same per-stage task as flows/pipeline.py.
+"""The flows users deploy (named for the nightly refresh; not flows/flows.py: prefect loads an entrypoint as a
+script with its folder on sys.path, and a module named flows.py would shadow the package): typed parameters
+(flows/params.py) over the same per-stage task as flows/pipeline.py.
 
 - ``kiln-run``: the whole DAG (deployment ``pipeline``, triggered from the UI), optionally a stage subset;
 - ``kiln-data``: ingest -> shard, a dataset version; ``kiln-train``: train -> evaluate on an existing run's shards;

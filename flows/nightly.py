@@ -9,7 +9,9 @@ script with its folder on sys.path, and a module named flows.py would shadow the
   versions stay in their own run folders; ``<storage>/nightly/versions.json`` lists them (newest last).
 
 No stage logic here: each stage is one task run of ``run_stage``; a re-run with the same run id resumes at the
-first stage whose manifest is missing or stale (the others are skipped by their manifests). Stage tasks retry
+first stage whose manifest is missing or stale (the others are skipped by their manifests). A flow holds the
+run id's lock (runner.run_lock) for its whole chain: a second flow run on the same run id fails at once naming
+the holder (or waits $KILN_LOCK_WAIT_S). Stage tasks retry
 transient storage errors with exponential backoff (params.retry_transient), never a StageError/ConfigError.
 """
 
@@ -19,6 +21,7 @@ import re
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 
@@ -28,6 +31,7 @@ from flows.pipeline import stage_task
 from stages import STAGES
 from stages.core import summary
 from stages.core.config import ConfigError
+from stages.core.runner import RunLocked, run_lock
 from stages.core.storage import Storage
 
 kiln_stage = stage_task.with_options(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2,
@@ -43,12 +47,17 @@ def run_chain(p: RunParams, stages: list[str], extra: dict | None = None):
         return Failed(message=f"config error: {e}")
     overrides = {**p.overrides, **(extra or {})}
     ran = {}
-    for stage in [s for s in STAGES if s in stages]:
-        state = kiln_stage.with_options(name=stage)(stage, p.config_path(), overrides, uri, rid, p.force,
-                                                    return_state=True)
-        if not state.is_completed():
-            return Failed(message=state.message or f"stage '{stage}' failed")
-        ran[stage] = state.result()
+    try:  # the run id is this flow run's until the chain ends (its stage tasks re-enter the lock)
+        with run_lock(uri, rid, purpose=f"flow run {flow_run.name or flow_run.id}"):
+            for stage in [s for s in STAGES if s in stages]:
+                state = kiln_stage.with_options(name=stage)(stage, p.config_path(), overrides, uri, rid, p.force,
+                                                            return_state=True)
+                if not state.is_completed():
+                    return Failed(message=state.message or f"stage '{stage}' failed")
+                ran[stage] = state.result()
+    except RunLocked as e:
+        get_run_logger().error("%s", e)
+        return Failed(message=str(e))
     result = summary.collect(uri, rid)
     for row in result["stages"]:
         row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)

@@ -178,3 +178,163 @@ def test_nightly_deployment_has_cron_and_server_schedules_runs(served):
     times = sorted(r["expected_start_time"] for r in runs)
     assert all("T02:00:00" in t for t in times), times  # 02:00 UTC, one a day
     assert len(set(t[:10] for t in times)) == len(times)
+
+
+# -- one writer per run id ----------------------------------------------------------------------------------------
+HOLD = """
+import sys, time
+from stages.core.runner import run_lock
+with run_lock(sys.argv[1], "r1", purpose="holder test", stale_s=float(sys.argv[3])):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _holder(storage: str, seconds: float, stale_s: float = 120) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLD, storage, str(seconds), str(stale_s)], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_run_lock_refuses_then_waits_then_takes_over_a_dead_holder(where, tmp_path, request):
+    from stages.core.runner import LOCK, RunLocked, run_lock
+
+    storage = str(tmp_path / "art") if where == "local" else request.getfixturevalue("s3_bucket") + "/runs"
+    root = Storage(storage).sub("r1")
+    p = _holder(storage, 60)
+    try:
+        assert root.read_json(LOCK)["pid"] == p.pid
+        t0 = time.time()
+        with pytest.raises(RunLocked, match=rf"run 'r1' .* in use by pid {p.pid} on .*\(holder test\)"):
+            with run_lock(storage, "r1", wait_s=1.5):
+                pass
+        assert time.time() - t0 >= 1.5  # waited, then refused
+        p.kill()  # dies without releasing: same host, dead pid -> stale
+        p.wait()
+        assert root.exists(LOCK)
+        with run_lock(storage, "r1", wait_s=0) as token:
+            assert root.read_json(LOCK)["token"] == token and root.read_json(LOCK)["pid"] == os.getpid()
+            with run_lock(storage, "r1", wait_s=0):  # re-entrant in its own process (a flow, then its stages)
+                pass
+            assert root.exists(LOCK)
+        assert not root.exists(LOCK)  # released
+    finally:
+        p.kill()
+        p.wait()
+    # a holder that lets go is waited for
+    p = _holder(storage, 2)
+    with run_lock(storage, "r1", wait_s=30):
+        assert root.read_json(LOCK)["pid"] == os.getpid()
+    p.wait()
+
+
+def test_run_lock_heartbeat_keeps_a_live_holder_and_an_expired_one_is_taken_over(tmp_path):
+    from stages.core.runner import LOCK, RunLocked, run_lock
+
+    storage = str(tmp_path / "art")
+    p = _holder(storage, 4, stale_s=0.8)  # heartbeat every 0.2 s: older than 0.8 s never happens while alive
+    try:
+        time.sleep(1.5)
+        with pytest.raises(RunLocked):
+            with run_lock(storage, "r1", wait_s=0, stale_s=0.8):
+                pass
+    finally:
+        p.wait()
+    # another host's lock (pid unknown here) counts only by its heartbeat
+    Storage(storage).sub("r1").write_json(LOCK, {"token": "x", "pid": 1, "host": "elsewhere", "purpose": "p",
+                                                 "heartbeat": time.time() - 300})
+    with run_lock(storage, "r1", wait_s=0, stale_s=120) as token:
+        assert Storage(storage).sub("r1").read_json(LOCK)["token"] == token
+
+
+def test_two_cli_runs_of_one_run_id_run_the_stage_once(tmp_path):
+    """Two processes start the same stage of the same run id at once: one runs it, the other waits for the lock
+    and then finds the manifest complete (skipped): one set of outputs, no interleaved writes."""
+    env = {**os.environ, "KILN_STORAGE": str(tmp_path / "art"), "KILN_LOCK_WAIT_S": "300"}
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "ingest", "--run-id", "same",
+           "--set", f"ingest.inputs=[{ONE_FILE}]", "--set", "run.workers=1"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    said = sorted("skipped" if "already complete, skipped" in o[0] else "ran" if "ingest: done" in o[0] else o[0]
+                  for o in outs)
+    assert said == ["ran", "skipped"]
+    root = Storage(str(tmp_path / "art")).sub("same")
+    m = root.read_json("ingest/manifest.json")
+    assert m["counts"]["documents_out"] > 0
+    assert all(root.sub("ingest").sha256(o["path"]) == o["sha256"] for o in m["outputs"])
+    assert not root.exists(".lock.json")
+
+
+# -- flows in-process (prefect test harness): retries and the flow-level lock -------------------------------------
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_runs_of(flow_run_id) -> list:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return asyncio.run(read())
+
+
+def test_stage_task_retries_unreachable_storage_but_not_bad_data(prefect_api, tmp_path):
+    import random
+
+    from prefect import flow
+
+    from flows.nightly import kiln_stage
+    from flows.params import RETRIES, profile_path
+
+    bad = tmp_path / "in"
+    bad.mkdir()
+    (bad / "random.warc.gz").write_bytes(random.Random(7).randbytes(10_000))
+    task = kiln_stage.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+    cfg = profile_path("tiny")
+
+    @flow
+    def both():
+        # AWS_ENDPOINT_URL (tests/conftest.py) is a free port with nothing listening: connection refused
+        down = task.with_options(name="ingest")("ingest", cfg, {"ingest.inputs": [ONE_FILE]}, "s3://kiln-down/runs",
+                                               "r", False, return_state=True)
+        data = task.with_options(name="ingest")("ingest", cfg, {"ingest.inputs": [str(bad / "*.warc.gz")],
+                                                                 "run.workers": 1}, str(tmp_path / "art"), "r", False,
+                                                return_state=True)
+        return {k: (s.is_failed(), s.message, s.state_details.task_run_id) for k, s in (("down", down), ("data", data))}
+
+    state = both(return_state=True)
+    got = state.result()
+    assert got["down"][0] and got["data"][0]
+    assert "produced 0 documents" in got["data"][1] and "onnect" in got["down"][1]  # Cannot connect / ConnectionRefused
+    runs = {r.id: r for r in _task_runs_of(state.state_details.flow_run_id)}
+    assert runs[got["down"][2]].run_count == RETRIES + 1  # transient: every retry used
+    assert runs[got["data"][2]].run_count == 1  # bad data: no retry
+
+
+def test_flow_on_a_locked_run_id_fails_at_once_naming_the_holder(prefect_api, tmp_path):
+    from flows.nightly import kiln_data
+    from flows.params import RunParams
+
+    storage = str(tmp_path / "art")
+    p = _holder(storage, 60)
+    try:
+        state = kiln_data(RunParams(storage=storage, run_id="r1", overrides={"ingest.inputs": [ONE_FILE]}),
+                          return_state=True)
+    finally:
+        p.kill()
+        p.wait()
+    assert state.is_failed() and f"in use by pid {p.pid}" in state.message
+    assert _task_runs_of(state.state_details.flow_run_id) == []
+    assert not Storage(storage).exists("r1/ingest")

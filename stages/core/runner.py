@@ -12,9 +12,13 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -33,6 +37,10 @@ class StageError(Exception):
 
 class MissingInput(StageError):
     pass
+
+
+class RunLocked(StageError):
+    """Another process holds the run's lock (the message names it)."""
 
 
 @dataclass
@@ -119,10 +127,128 @@ def load_inputs(root: Storage, stage: str) -> dict[str, dict]:
     return inputs
 
 
+# -- one writer per run id ------------------------------------------------------------------------------------
+LOCK = ".lock.json"
+_held: dict[str, list] = {}  # lock URL -> [token, depth]: re-entrant within a process (a flow holding the
+_held_mu = threading.Lock()  # lock for its whole chain calls run_stage, which takes it again)
+
+
+def _lock_info(path: str, root: Storage) -> dict | None:
+    try:
+        return json.loads(root.read_bytes(LOCK))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(info: dict, stale_s: float) -> bool:
+    """A holder is gone when its process is dead (same host) or its heartbeat is older than ``stale_s``."""
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OSError, ValueError, KeyError):
+            pass
+    return time.time() - float(info.get("heartbeat", 0)) < stale_s
+
+
+def _create_exclusive(root: Storage, data: bytes) -> bool:
+    """Write the lock only if absent: O_EXCL locally, a conditional PUT (If-None-Match: *) on S3."""
+    path = root._p(LOCK)
+    try:
+        if root.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        else:
+            root.fs.pipe_file(path, data, mode="create")
+            root.fs.invalidate_cache()
+        return True
+    except FileExistsError:
+        return False
+
+
+@contextmanager
+def run_lock(storage: str | Storage, run_id: str, purpose: str = "", wait_s: float | None = None,
+             stale_s: float | None = None):
+    """Hold ``<storage>/<run_id>/.lock.json`` (owner pid, host, purpose, start, heartbeat) while writing the run.
+
+    A second holder waits up to ``wait_s`` (default $KILN_LOCK_WAIT_S, else 0) then gets RunLocked naming the
+    holder. The holder's thread refreshes the heartbeat every ``stale_s``/4; a lock whose process is dead (same
+    host) or whose heartbeat is older than ``stale_s`` (default $KILN_LOCK_STALE_S, else 120 s: a dead host) is
+    taken over. Creation is exclusive (O_EXCL / S3 conditional PUT); a takeover of a stale lock is
+    best-effort (two processes taking over the same stale lock within one poll could both proceed)."""
+    root = (storage if isinstance(storage, Storage) else Storage(storage)).sub(run_id)
+    key = root.url(LOCK)
+    with _held_mu:
+        if key in _held:
+            _held[key][1] += 1
+            mine = True
+        else:
+            mine = False
+    if mine:
+        try:
+            yield _held[key][0]
+        finally:
+            with _held_mu:
+                _held[key][1] -= 1
+        return
+    wait_s = float(os.environ.get("KILN_LOCK_WAIT_S", 0)) if wait_s is None else wait_s
+    stale_s = float(os.environ.get("KILN_LOCK_STALE_S", 120)) if stale_s is None else stale_s
+    token = uuid.uuid4().hex
+    info = {"token": token, "pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+            "acquired_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "heartbeat": time.time()}
+    deadline = time.time() + wait_s
+    while not _create_exclusive(root, json.dumps(info).encode()):
+        holder = _lock_info(key, root)
+        if holder is not None and not _alive(holder, stale_s):
+            log.warning("run %s: taking over a stale lock of pid %s on %s (%s)", run_id, holder.get("pid"),
+                        holder.get("host"), holder.get("purpose"))
+            root.rm(LOCK)
+            continue
+        if time.time() >= deadline:
+            h = holder or {}
+            raise RunLocked(f"run '{run_id}' in {root.url()} is in use by pid {h.get('pid')} on {h.get('host')} "
+                            f"({h.get('purpose') or 'unknown'}) since {h.get('acquired_at')}; wait for it, or "
+                            f"delete {key} if that process is gone")
+        time.sleep(min(1.0, max(0.05, deadline - time.time())))
+    with _held_mu:
+        _held[key] = [token, 1]
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(stale_s / 4):
+            cur = _lock_info(key, root)
+            if not cur or cur.get("token") != token:
+                log.error("run %s: lost the run lock to %s", run_id, cur)
+                return
+            root.write_bytes(LOCK, json.dumps({**info, "heartbeat": time.time()}).encode())
+
+    t = threading.Thread(target=beat, daemon=True, name=f"kiln-lock-{run_id}")
+    t.start()
+    try:
+        yield token
+    finally:
+        stop.set()
+        t.join()
+        with _held_mu:
+            _held.pop(key, None)
+        cur = _lock_info(key, root)
+        if cur and cur.get("token") == token:
+            root.rm(LOCK)
+
+
 def run_stage(stage: str, cfg, storage: str | Storage, run_id: str, force: bool = False) -> dict:
-    """Run one stage unless an identical run of it is already complete. Returns its manifest."""
-    mod = stage_module(stage)
+    """Run one stage unless an identical run of it is already complete. Returns its manifest.
+    Holds the run's lock (``run_lock``) throughout: two processes never write one run id at once."""
     base = storage if isinstance(storage, Storage) else Storage(storage)
+    with run_lock(base, run_id, purpose=f"stage {stage}"):
+        return _run_stage(stage, cfg, base, run_id, force)
+
+
+def _run_stage(stage: str, cfg, base: Storage, run_id: str, force: bool) -> dict:
+    mod = stage_module(stage)
     root = base.sub(run_id)
     inputs = load_inputs(root, stage)
     fp = stage_fingerprint(cfg, stage, inputs)

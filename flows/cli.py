@@ -3,6 +3,8 @@
     kiln stage NAME --config configs/tiny.yaml [--run-id ID] [--storage URI] [--set key=value ...]
     kiln run --config configs/tiny.yaml [--run-id ID] [--storage URI] [--stages a,b] [--set key=value ...]
     kiln summary --config configs/tiny.yaml [--run-id ID] [--storage URI]
+    kiln report --config configs/tiny.yaml [--run-id ID] [--storage URI]     (writes <run>/report/)
+    kiln report --compare RUN_A RUN_B [--storage URI] [--all]                (what changed between two runs)
     kiln plan [--compute FLOPS | --params N] --config configs/tiny.yaml [--run-id ID] [--storage URI]
 """
 
@@ -53,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     sm = sub.add_parser("summary", help="print what every stage of a run did")
     common(sm)
+    rp = sub.add_parser("report", help="write the run report (report.md, report.json, plots) or compare two runs")
+    common(rp)
+    rp.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                    help="print what changed in data and metrics between two runs in the same storage")
+    rp.add_argument("--all", action="store_true", help="with --compare: every row, not only those that differ")
     pl = sub.add_parser("plan", help="Chinchilla: compute-optimal params and tokens vs the run's dataset")
     common(pl)
     g = pl.add_mutually_exclusive_group()
@@ -91,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"kiln: flow run failed: {state.message}", file=sys.stderr)
                 return EXIT_FAILED
             print(summary.render(state.result()))
+        elif args.cmd == "report":
+            from stages.core import report
+            from stages.core.storage import Storage
+
+            for r in args.compare or [rid]:
+                if not any(Storage(uri).sub(r).exists(f"{s}/manifest.json") for s in STAGES):
+                    raise StageError(f"report: run '{r}' has no stage manifest in {Storage(uri).url()}")
+            if args.compare:
+                print(report.render_compare(report.compare(uri, *args.compare), all_rows=args.all))
+            else:
+                rep = report.write(uri, rid)
+                print(f"report: {rep['files']['report.md']}")
+                print(report.render_funnel(rep))
         elif args.cmd == "plan":
             from stages.core.runner import read_manifest
             from stages.core.storage import Storage

@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from flows import DEFAULT_CONFIG
 from stages import STAGES
-from stages.core import summary
+from stages.core import report, summary
 from stages.core.config import ConfigError, default_run_id, load_config, storage_uri
 from stages.core.runner import StageError, run_stage
 
@@ -59,7 +59,30 @@ def pipeline(config: str = DEFAULT_CONFIG, storage: str | None = None, run_id: s
     result = summary.collect(uri, rid)
     for row in result["stages"]:
         row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)
-    create_markdown_artifact(key=re.sub(r"[^a-z0-9-]+", "-", f"kiln-summary-{rid}".lower()),
-                             markdown="```\n" + summary.render(result) + "\n```",
-                             description=f"Kiln run {rid}: data funnel, checkpoint and evaluation")
+    rep = report.write(uri, rid)  # <run>/report/: report.md, report.json, plots/*.png
+    result["report"] = rep["files"]["report.md"]
+    publish_report(rep)
     return result
+
+
+def artifact_key(kind: str, run_id: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]+", "-", f"kiln-{kind}-{run_id}".lower())).strip("-")
+
+
+def publish_report(rep: dict) -> dict[str, str]:
+    """The run report as Prefect artifacts (inside a flow run): report.md as markdown (plots linked by their
+    storage URLs), the funnel and the evaluation metrics as tables. Returns artifact key -> kind."""
+    rid, keys = rep["run_id"], {}
+    k = artifact_key("report", rid)
+    create_markdown_artifact(key=k, markdown=report.render_markdown(rep, rep.get("plots") or {}),
+                             description=f"Kiln run {rid}: funnel, mixes, tokenizer, training, evaluation, lineage")
+    keys[k] = "markdown"
+    k = artifact_key("funnel", rid)
+    create_table_artifact(key=k, table=report.funnel_table(rep), description=f"Kiln run {rid}: data funnel per stage")
+    keys[k] = "table"
+    if rows := report.eval_table(rep):
+        k = artifact_key("eval", rid)
+        create_table_artifact(key=k, table=rows, description=f"Kiln run {rid}: evaluation metrics per set")
+        keys[k] = "table"
+    return keys

@@ -561,7 +561,9 @@ def _rows(section: str, a: dict, b: dict, only_changed: bool = False) -> list[di
 def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
     """What changed between two runs in the same storage: config (changed keys only), funnel counts per stage,
     removed by reason, domain mix, tokenizer, training summary and evaluation per set. Rows: section, item,
-    a, b, delta (b - a for numbers)."""
+    a, b, delta (b - a for numbers). ``config_changed``: stages whose config section differs (not the
+    fingerprints: those differ between run ids anyway, as they hash upstream manifests holding run id and
+    timings; nor output sha256s: gzip headers carry write times)."""
     A, B = build(storage, run_a), build(storage, run_b)
     rows = []
     for s in dict.fromkeys([*A["config"], *B["config"]]):
@@ -570,8 +572,8 @@ def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
     def funnel(rep):
         out = {}
         for r in rep["funnel"]:
-            for k in ("documents_out", "bytes_out", "tokens"):
-                if r.get(k) is not None:
+            for k in ("documents_out", "bytes_out", "tokens"):  # estimated tokens: no (they move with the tokenizer)
+                if r.get(k) is not None and not (k == "tokens" and r["tokens_estimated"]):
                     out[f"{r['stage']} {k}"] = r[k]
         return out
 
@@ -596,10 +598,12 @@ def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
     for name, fn in (("funnel", funnel), ("removed", removed), ("mixture", mixture), ("tokenizer", tok),
                      ("train", train), ("eval", evals)):
         rows += _rows(name, fn(A), fn(B))
-    fps = {r["stage"]: r["fingerprint"] for r in A["lineage"]}
-    fpb = {r["stage"]: r["fingerprint"] for r in B["lineage"]}
-    return {"a": run_a, "b": run_b, "location": _root(storage, "").url(), "rows": rows,
-            "stages_changed": [s for s in STAGES if fps.get(s) != fpb.get(s)]}
+    base = storage if isinstance(storage, Storage) else Storage(storage)
+    ma = {s: read_manifest(base.sub(run_a), s) or {} for s in STAGES}
+    mb = {s: read_manifest(base.sub(run_b), s) or {} for s in STAGES}
+
+    return {"a": run_a, "b": run_b, "location": base.url(), "rows": rows,
+            "config_changed": [s for s in STAGES if ma[s].get("config") != mb[s].get("config")]}
 
 
 def render_compare(diff: dict, all_rows: bool = False) -> str:
@@ -608,7 +612,8 @@ def render_compare(diff: dict, all_rows: bool = False) -> str:
     w = max([len(f"{r['section']}: {r['item']}") for r in rows] + [20])
     head = f"{'what':<{w}} {diff['a'][:18]:>18} {diff['b'][:18]:>18} {'delta':>12}"
     lines = [f"Kiln runs '{diff['a']}' vs '{diff['b']}' in {diff['location']}",
-             "stages whose fingerprint differs: " + (", ".join(diff["stages_changed"]) or "none"), head, "-" * len(head)]
+             "config differs in: " + (", ".join(diff["config_changed"]) or "no stage"), head,
+             "-" * len(head)]
     for r in rows:
         d = r["delta"]
         ds = "" if d is None else (f"{d:+,}" if isinstance(d, int) else f"{d:+.4g}")

@@ -46,7 +46,8 @@ def _eval_lines(ev) -> list[str]:
     lines = []
     for name, res in sets.items():
         if isinstance(res, dict):
-            keys = [k for k in ("loss", "perplexity", "bits_per_byte", "tokens") if k in res]
+            keys = [k for k in ("loss", "perplexity", "bits_per_byte", "word_perplexity", "accuracy", "tokens")
+                    if res.get(k) is not None]
             lines.append(f"  {name:<16}" + "  ".join(f"{k}={_n(res[k])}" for k in keys))
     return lines
 
@@ -69,6 +70,9 @@ def render(summary: dict) -> str:
     if "evaluation" in summary:
         lines.append(f"evaluation: {summary['evaluation_report']}")
         lines.extend(_eval_lines(summary["evaluation"]))
+        lines.extend(_eval_lines({"sets": summary["evaluation"].get("last_word") or {}}))
+    if "report" in summary:
+        lines.append(f"report: {summary['report']}  (kiln report --compare RUN_A RUN_B: what changed between runs)")
     if not summary["complete"]:
         lines.append("(not every stage has run yet)")
     return "\n".join(lines)

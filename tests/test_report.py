@@ -1,0 +1,244 @@
+"""The run report and the comparison of two runs, on two real runs of every stage over a slice of the crawl.
+
+The slice: 101 WARC records cut (byte-exact gzip members) from three crawl files: Django's first 30 pages plus its
+1.3-1.5 release notes (near duplicates of each other: dedup finds clusters), and 15 pages each of Python and
+PostgreSQL (three domains for reweighting). Run "a" is the tiny profile with a tiny model; run "b" changes one
+filter threshold. Every stage runs for real (run_stage), training too (4 steps, torchrun)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import CRAWL, load_tiny
+from stages import NEEDS, STAGES
+from stages.core import report
+from stages.core.runner import manifest_hash, run_stage
+from stages.core.storage import Storage
+
+PARTS = [("docs.djangoproject.com-0000.warc.gz", 30, r"/releases/1\.[345]\.\d+\.html$"),
+         ("docs.python.org-0000.warc.gz", 15, None), ("www.postgresql.org-0000.warc.gz", 15, None)]
+SMALL = {"run.workers": 1, "dedup.index": None,  # no cross-run index: run b would dedup against run a
+         "train.steps": 4, "train.checkpoint_every": 2, "train.warmup_steps": 1, "train.log_every": 1,
+         "train.nproc": 1, "train.global_batch": 4, "train.micro_batch": 4,
+         "train.model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 64},
+         "tokenizer.vocab_size": 512, "evaluate.val_tokens": 1024, "evaluate.doc_tokens": 1024,
+         "evaluate.sets": [{"name": "wikitext-2", "path": "../../shared/data/eval/wikitext-2/valid.txt",
+                            "format": "wikitext", "max_tokens": 1024}],
+         "evaluate.generate": {"prompts": ["The Django"], "max_new_tokens": 4, "samples": 1}}
+STRICTER = {"filter.gopher_quality.max_non_alpha_words_ratio": 0.8}  # run b: Gopher's published value
+
+
+def write_slice(dst) -> int:
+    from warcio.archiveiterator import ArchiveIterator
+
+    n_out = 0
+    with open(dst, "wb") as f:
+        for name, first, pattern in PARTS:
+            spans, n = [], 0
+            with open(CRAWL / name, "rb") as fh:
+                it = ArchiveIterator(fh)
+                for r in it:
+                    url = r.rec_headers.get_header("WARC-Target-URI") or ""
+                    keep = r.rec_type == "response" and (n < first or (pattern and re.search(pattern, url)))
+                    n += r.rec_type == "response"
+                    r.content_stream().read()
+                    if keep:
+                        spans.append((it.get_record_offset(), it.get_record_length()))
+            with open(CRAWL / name, "rb") as fh:
+                for offset, length in spans:
+                    fh.seek(offset)
+                    f.write(fh.read(length))
+            n_out += len(spans)
+    return n_out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    warc = tmp / "slice.warc.gz"
+    assert write_slice(warc) == 101
+    storage = str(tmp / "art")
+    for rid, extra in (("a", {}), ("b", STRICTER)):
+        cfg = load_tiny(tmp, {**SMALL, "ingest.inputs": [str(warc)], **extra})
+        for stage in STAGES:
+            run_stage(stage, cfg, storage, rid)
+    return storage
+
+
+def _manifests(storage, rid):
+    root = Storage(storage).sub(rid)
+    return {s: root.read_json(f"{s}/manifest.json") for s in STAGES}
+
+
+def test_report_numbers_equal_the_manifests(runs):
+    rep = report.build(runs, "a")
+    ms, root = _manifests(runs, "a"), Storage(runs).sub("a")
+    assert rep["complete"] and rep["stages"] == STAGES
+    funnel = {r["stage"]: r for r in rep["funnel"]}
+    for stage, m in ms.items():
+        c, row = m["counts"], funnel[stage]
+        assert (row["documents_in"], row["documents_out"], row["bytes_out"]) == \
+               (c.get("documents_in"), c.get("documents_out"), c.get("bytes_out")), stage
+        assert row["removed"] == (c.get("removed") or {}), stage
+    assert funnel["ingest"]["records_in"] == ms["ingest"]["counts"]["documents_in"] == 101
+    assert funnel["shard"]["tokens"] == ms["shard"]["counts"]["tokens_out"] and not funnel["shard"]["tokens_estimated"]
+    assert funnel["filter"]["tokens_estimated"]  # before sharding: bytes / the tokenizer's bytes per token
+    assert funnel["filter"]["tokens"] == round(ms["filter"]["counts"]["bytes_out"] / ms["tokenizer"]["metrics"]["bytes_per_token"])
+    assert funnel["reweight"]["added"] == ms["reweight"]["counts"]["added"]
+
+    # removed by reason, the filters' finer reasons, and links to the sample files the stages wrote
+    flt = rep["removed"]["filter"]
+    assert flt["by_reason"] == ms["filter"]["counts"]["removed"] and flt["removed_reasons"] == ms["filter"]["counts"]["removed_reasons"]
+    [samples] = flt["samples"]
+    assert samples["url"] == root.sub("filter").url("removed_samples.jsonl.gz")
+    lines = gzip.decompress(root.read_bytes("filter/removed_samples.jsonl.gz")).decode().splitlines()
+    assert samples["rows"] == len(lines) > 0 and sum(samples["by_reason"].values()) == len(lines)
+    assert funnel["filter"]["removed_samples"] == [samples["url"]]
+
+    # dedup: the manifest's counts, clusters from duplicates.jsonl.gz
+    d, dm = rep["dedup"], ms["dedup"]["counts"]
+    assert d["removed"] == dm["removed"] and d["near"] == dm["near"] and dm["near"]["clusters"] > 0
+    assert len(d["largest_clusters"]) == dm["near"]["clusters"]
+    assert sum(c["removed"] for c in d["largest_clusters"]) == dm["removed"]["near"]
+    assert all(c["min_jaccard"] >= ms["dedup"]["config"]["threshold"] for c in d["largest_clusters"])
+
+    # language and domain mix, tokenizer, training curve, evaluation
+    assert rep["languages"] == ms["normalize"]["counts"]["languages"]
+    mix = root.read_json("reweight/mixture.json")
+    assert rep["mixture"]["domains"] == mix["domains"] and len(mix["domains"]) == 3
+    for dom, v in ms["reweight"]["metrics"]["mixture"].items():
+        assert rep["mixture"]["domains"][dom]["share_after"] == v["share_after"]
+        assert rep["mixture"]["tokens"][dom]["share"] == ms["shard"]["metrics"]["mixture"][dom]
+    tm = ms["tokenizer"]["metrics"]
+    assert {k: rep["tokenizer"][k] for k in ("vocab_size", "bytes_per_token", "heldout_tokens")} == \
+           {k: tm[k] for k in ("vocab_size", "bytes_per_token", "heldout_tokens")}
+    rows = [json.loads(x) for x in root.read_bytes("train/metrics.jsonl").decode().splitlines()]
+    assert [(r["step"], r["loss"], r["lr"], r["tokens_per_s"]) for r in rep["training"]["curve"]] == \
+           [(r["step"], r["loss"], r["lr"], r["tokens_per_s"]) for r in rows] and len(rows) == 4
+    assert rep["training"]["summary"]["final_loss"] == ms["train"]["metrics"]["final_loss"]
+    ev = root.read_json("evaluate/report.json")
+    assert set(rep["evaluation"]["sets"]) == set(ev["sets"]) >= {"validation", "validation_docs", "wikitext-2"}
+    for name, s in ev["sets"].items():
+        for k in ("loss", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "tokens"):
+            assert rep["evaluation"]["sets"][name].get(k) == s.get(k), (name, k)
+    assert [g["text"] for g in rep["evaluation"]["generations"]] == [g["text"] for g in ev["generations"]]
+
+
+def test_lineage_hashes_are_the_manifests(runs, tmp_path):
+    rep = report.build(runs, "a")
+    root = Storage(runs).sub("a")
+    lin = {r["stage"]: r for r in rep["lineage"]}
+    assert list(lin) == STAGES
+    for stage, r in lin.items():
+        raw = root.read_bytes(f"{stage}/manifest.json")
+        assert r["file_sha256"] == hashlib.sha256(raw).hexdigest()
+        assert r["manifest_sha256"] == manifest_hash(json.loads(raw))
+        assert r["fingerprint"] == json.loads(raw)["fingerprint"]
+        assert set(r["inputs"]) == set(NEEDS[stage])
+        for dep, rec in r["inputs"].items():  # what the stage recorded = the upstream manifest now
+            assert rec["consistent"] and rec["manifest_sha256"] == lin[dep]["manifest_sha256"]
+    assert [s for s, r in lin.items() if r["behind_checkpoint"]] == STAGES[:-1]  # all but evaluate
+
+    # an upstream manifest edited after the fact is flagged where it was recorded
+    shutil.copytree(root.url(), tmp_path / "a")
+    ingest = json.loads((tmp_path / "a" / "ingest" / "manifest.json").read_text())
+    ingest["counts"]["documents_out"] += 1
+    (tmp_path / "a" / "ingest" / "manifest.json").write_text(json.dumps(ingest))
+    lin2 = {r["stage"]: r for r in report.build(str(tmp_path), "a")["lineage"]}
+    assert not lin2["normalize"]["inputs"]["ingest"]["consistent"]
+    assert lin2["dedup"]["inputs"]["normalize"]["consistent"]
+
+
+def test_written_report_files_and_plots_are_real_pngs(runs):
+    from PIL import Image
+
+    rep = report.write(runs, "a")
+    out = Storage(runs).sub("a", "report")
+    assert json.loads(out.read_bytes("report.json"))["funnel"] == rep["funnel"]
+    md = out.read_bytes("report.md").decode()
+    assert set(rep["plots"]) == {"training.png", "throughput.png", "funnel.png", "domain_mix.png"}
+    for name in rep["plots"]:
+        data = out.read_bytes(f"plots/{name}")
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and f"](plots/{name})" in md
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        assert img.size[0] >= 600 and img.size[1] >= 350
+        assert len(img.convert("RGB").getcolors(1 << 16) or range(1 << 16)) > 20  # drawn, not a blank canvas
+    # the markdown holds the manifests' numbers
+    filt = rep["removed"]["filter"]["by_reason"]
+    f_row = next(r for r in rep["funnel"] if r["stage"] == "filter")
+    assert f"| filter | {f_row['documents_in']:,} | {f_row['documents_out']:,} | {f_row['bytes_out']:,} |" in md
+    assert all(f"{k}={v}" in md for k, v in filt.items() if v)
+    assert all(f"`{r['manifest_sha256']}`" in md for r in rep["lineage"])
+
+
+def test_compare_two_runs_shows_what_changed(runs):
+    a, b = _manifests(runs, "a"), _manifests(runs, "b")
+    diff = report.compare(runs, "a", "b")
+    rows = {(r["section"], r["item"]): r for r in diff["rows"]}
+    assert diff["config_changed"] == ["filter"]
+    cfg = rows[("config filter", "gopher_quality.max_non_alpha_words_ratio")]
+    assert (cfg["a"], cfg["b"]) == (0.65, 0.8)
+    for stage in STAGES:  # funnel and removed-by-reason rows: both manifests' counts, delta b - a
+        for k in ("documents_out", "bytes_out"):
+            if a[stage]["counts"].get(k) is not None:
+                r = rows[("funnel", f"{stage} {k}")]
+                assert (r["a"], r["b"], r["delta"]) == (a[stage]["counts"][k], b[stage]["counts"][k],
+                                                        b[stage]["counts"][k] - a[stage]["counts"][k])
+        for reason, n in (a[stage]["counts"].get("removed") or {}).items():
+            assert rows[("removed", f"{stage} {reason}")]["b"] == b[stage]["counts"]["removed"][reason]
+    gq = rows[("removed", "filter gopher_quality")]
+    assert gq["delta"] > 0  # the stricter threshold removes more
+    assert rows[("funnel", "filter documents_out")]["delta"] < 0
+    assert rows[("funnel", "dedup documents_out")]["delta"] == 0  # upstream of the change: the same
+    assert ("funnel", "dedup tokens") not in rows  # estimated with each run's own tokenizer: not compared
+    loss = rows[("train", "final_loss")]
+    assert (loss["a"], loss["b"]) == (a["train"]["metrics"]["final_loss"], b["train"]["metrics"]["final_loss"])
+    ev_b = Storage(runs).sub("b").read_json("evaluate/report.json")["sets"]
+    assert rows[("eval", "wikitext-2 bits_per_byte")]["b"] == ev_b["wikitext-2"]["bits_per_byte"]
+
+    text = report.render_compare(diff)
+    assert re.search(r"removed: filter gopher_quality\s+%d\s+%d\s+\+%d" % (gq["a"], gq["b"], gq["delta"]), text)
+    assert "funnel: dedup documents_out" not in text  # unchanged rows are left out by default
+    assert "funnel: dedup documents_out" in report.render_compare(diff, all_rows=True)
+
+
+def test_cli_report_and_compare(runs, capsys):
+    from flows.cli import main
+
+    assert main(["report", "--storage", runs, "--run-id", "b"]) == 0
+    out = capsys.readouterr().out
+    md = Storage(runs).sub("b", "report").url("report.md")
+    assert f"report: {md}" in out and Storage(runs).sub("b", "report").exists("plots/funnel.png")
+    shard = _manifests(runs, "b")["shard"]["counts"]
+    assert re.search(r"shard\s+%s\s+%s" % (f"{shard['documents_in']:,}", f"{shard['documents_out']:,}"), out)
+    assert main(["report", "--storage", runs, "--compare", "a", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "Kiln runs 'a' vs 'b'" in out and "config filter: gopher_quality.max_non_alpha_words_ratio" in out
+    assert main(["report", "--storage", runs, "--compare", "a", "nope"]) == 1
+    assert "run 'nope' has no stage manifest" in capsys.readouterr().err
+
+
+def test_report_of_a_partial_run(runs, tmp_path):
+    """A run stopped after dedup: the report has what exists and says it is incomplete."""
+    for stage in ("ingest", "normalize", "dedup"):
+        shutil.copytree(Storage(runs).sub("a", stage).url(), tmp_path / "p" / stage)
+    rep = report.write(str(tmp_path), "p")
+    assert not rep["complete"] and rep["stages"] == ["ingest", "normalize", "dedup"]
+    assert rep["training"] is None and rep["evaluation"] is None and rep["mixture"] is None
+    assert set(rep["plots"]) == {"funnel.png"}
+    assert "incomplete run" in Storage(str(tmp_path)).sub("p", "report").read_bytes("report.md").decode()
+
+
+def test_prefect_artifact_keys():
+    from flows.pipeline import artifact_key
+
+    assert artifact_key("report", "Tiny_Run.1") == "kiln-report-tiny-run-1"
+    assert re.fullmatch(r"[a-z0-9-]+", artifact_key("eval", "nightly/2024 05 01"))

@@ -59,15 +59,23 @@ def pipeline(config: str = DEFAULT_CONFIG, storage: str | None = None, run_id: s
     result = summary.collect(uri, rid)
     for row in result["stages"]:
         row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)
-    rep = report.write(uri, rid)  # <run>/report/: report.md, report.json, plots/*.png
-    result["report"] = rep["files"]["report.md"]
-    publish_report(rep)
+    create_markdown_artifact(key=artifact_key("summary", rid), markdown="```\n" + summary.render(result) + "\n```",
+                             description=f"Kiln run {rid}: data funnel, checkpoint and evaluation")
+    result["report"] = write_and_publish_report(uri, rid)["files"]["report.md"]
     return result
 
 
 def artifact_key(kind: str, run_id: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]+", "-", f"kiln-{kind}-{run_id}".lower())).strip("-")
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]+", "-", f"kiln-{kind}-{run_id}".lower())).strip("-")[:100]
+
+
+def write_and_publish_report(uri: str, run_id: str) -> dict:
+    """Write ``<run_id>/report/`` (report.md, report.json, plots/*.png) and publish it as artifacts of the
+    current flow run; returns the report (``files``: name -> storage URL)."""
+    rep = report.write(uri, run_id)
+    publish_report(rep)
+    return rep
 
 
 def publish_report(rep: dict) -> dict[str, str]:

@@ -242,3 +242,22 @@ def test_prefect_artifact_keys():
 
     assert artifact_key("report", "Tiny_Run.1") == "kiln-report-tiny-run-1"
     assert re.fullmatch(r"[a-z0-9-]+", artifact_key("eval", "nightly/2024 05 01"))
+
+
+def test_report_in_s3(runs, s3_bucket):
+    """The same report from a copy of run "a" in S3 (moto_server): read and written through Storage."""
+    local = Storage(runs).sub("a")
+    remote = Storage(s3_bucket + "/runs")
+    for stage in STAGES:  # the manifests and the files the report reads
+        for rel in ["manifest.json"] + [p for p in local.sub(stage).list() if not p.startswith(("data/", "checkpoints/",
+                                                                                               "tokens/", "parquet/"))]:
+            remote.sub("a", stage).write_bytes(rel, local.sub(stage).read_bytes(rel))
+    rep = report.write(remote, "a")
+    want = report.build(runs, "a")
+    assert rep["funnel"] == [{**r, "removed_samples": [u.replace(local.url(), remote.sub("a").url()) for u in r["removed_samples"]]}
+                             for r in want["funnel"]]
+    assert [r["file_sha256"] for r in rep["lineage"]] == [r["file_sha256"] for r in want["lineage"]]
+    out = remote.sub("a", "report")
+    assert rep["files"]["report.md"] == out.url("report.md") and rep["files"]["report.md"].startswith("s3://")
+    assert all(out.read_bytes(f"plots/{n}")[:4] == b"\x89PNG" for n in rep["plots"])
+    assert f"samples: [{remote.sub('a', 'filter').url('removed_samples.jsonl.gz')}]" in out.read_bytes("report.md").decode()

@@ -310,7 +310,7 @@ def plots(rep: dict) -> dict[str, bytes]:
             ax2.set_ylabel("learning rate")
             h2, l2 = ax2.get_legend_handles_labels()
             h, lab = h + h2, lab + l2
-        ax.legend(h, lab, loc="upper right")
+        ax.legend(h, lab, loc="best")
         ax.set_title(f"Training loss and learning rate — run {run}")
         ax.grid(alpha=0.3)
         out["training.png"] = _png(plt, fig)

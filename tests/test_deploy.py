@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,32 +65,39 @@ def _stop(proc: subprocess.Popen):
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(api base URL, storage, log files): a Prefect server on sqlite in its own PREFECT_HOME, and the serve
-    process registering Kiln's deployments against it. Both stopped at the end."""
-    tmp = tmp_path_factory.mktemp("prefect")
+@contextmanager
+def prefect_server(tmp: Path):
+    """(api URL, env without PREFECT_* settings, log): `prefect server start` on sqlite in its own PREFECT_HOME."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2", PREFECT_LOGGING_LEVEL="WARNING")
-    server_log, serve_log = tmp / "server.log", tmp / "serve.log"
+    log = tmp / "server.log"
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, cwd=tmp, stdout=open(server_log, "w"),
+                               "--port", str(port)], env=env, cwd=tmp, stdout=open(log, "w"),
                               stderr=subprocess.STDOUT)
-    serve = None
     try:
-        _wait("server health", lambda: _health(api), 120, [server_log])
-        storage = str(tmp / "art")
+        _wait("server health", lambda: _health(api), 120, [log])
+        yield api, env, log
+    finally:
+        _stop(server)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(api base URL, storage, log files): a Prefect server, and the serve process registering Kiln's
+    deployments against it (`python -m flows.deploy`, what `kiln serve` runs). Both stopped at the end."""
+    tmp = tmp_path_factory.mktemp("prefect")
+    with prefect_server(tmp) as (api, env, server_log):
+        storage, serve_log = str(tmp / "art"), tmp / "serve.log"
         serve_env = {**env, "PREFECT_API_URL": api, "KILN_STORAGE": storage, "PREFECT_LOGGING_LEVEL": "INFO"}
         serve = subprocess.Popen([sys.executable, "-m", "flows.deploy"], env=serve_env, cwd=ROOT,
                                  stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
-        yield api, storage, [server_log, serve_log]
-    finally:
-        if serve is not None:
+        try:
+            yield api, storage, [server_log, serve_log]
+        finally:
             _stop(serve)
-        _stop(server)
 
 
 def _health(api: str) -> bool:
@@ -178,6 +186,42 @@ def test_nightly_deployment_has_cron_and_server_schedules_runs(served):
     times = sorted(r["expected_start_time"] for r in runs)
     assert all("T02:00:00" in t for t in times), times  # 02:00 UTC, one a day
     assert len(set(t[:10] for t in times)) == len(times)
+
+
+def test_prefect_yaml_deploys_onto_a_work_pool_and_a_process_worker_runs_it(tmp_path):
+    """prefect.yaml as `prefect deploy` reads it (docker/compose.yaml's path): the `data` deployment on the
+    process pool `kiln`, executed by `prefect worker start` (a server of its own: no serve process competing)."""
+    with prefect_server(tmp_path) as (api, env, server_log):
+        _deploy_and_work(api, {**env, "PREFECT_API_URL": api, "KILN_HOME": str(ROOT),
+                               "KILN_STORAGE": str(tmp_path / "art")}, [server_log], tmp_path)
+    m = Storage(str(tmp_path / "art")).sub("w").read_json("ingest/manifest.json")
+    assert m["counts"]["documents_out"] > 0
+
+
+def _deploy_and_work(api, env, logs, tmp_path):
+    cli = [sys.executable, "-m", "prefect"]
+    pool = subprocess.run(cli + ["work-pool", "create", "kiln", "--type", "process"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert pool.returncode == 0, pool.stdout[-2000:] + pool.stderr[-2000:]
+    dep = subprocess.run(cli + ["--no-prompt", "deploy", "--name", "data"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert dep.returncode == 0, dep.stdout[-2000:] + dep.stderr[-2000:]
+    d = _deployment(api, "kiln-data", "data", logs)
+    assert d["work_pool_name"] == "kiln" and d["enforce_parameter_schema"]
+    assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    wlog = tmp_path / "worker.log"
+    worker = subprocess.Popen(cli + ["worker", "start", "--pool", "kiln", "--type", "process"], env=env,
+                              cwd=tmp_path, stdout=open(wlog, "w"), stderr=subprocess.STDOUT)
+    try:
+        code, fr = _ui_run(api, d["id"], {"run": {"run_id": "w", "overrides": {"ingest.inputs": [ONE_FILE]}},
+                                          "stages": ["ingest"]})
+        assert code == 201, fr
+        run = _final(api, fr["id"], [*logs, wlog])
+        assert run["state"]["type"] == "COMPLETED", (run["state"], wlog.read_text()[-4000:])
+        code, body = _ui_run(api, d["id"], {"stages": ["train"]})  # not a data stage: refused by the schema
+        assert code == 409, body
+    finally:
+        _stop(worker)
 
 
 # -- one writer per run id ----------------------------------------------------------------------------------------
@@ -290,7 +334,7 @@ def _task_runs_of(flow_run_id) -> list:
     return asyncio.run(read())
 
 
-def test_stage_task_retries_unreachable_storage_but_not_bad_data(prefect_api, tmp_path):
+def test_stage_task_retries_unreachable_storage_but_not_bad_data(prefect_api, tmp_path, monkeypatch):
     import random
 
     from prefect import flow
@@ -303,10 +347,12 @@ def test_stage_task_retries_unreachable_storage_but_not_bad_data(prefect_api, tm
     (bad / "random.warc.gz").write_bytes(random.Random(7).randbytes(10_000))
     task = kiln_stage.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
     cfg = profile_path("tiny")
+    # an S3 endpoint with nothing listening (connection refused); botocore's own retries off to keep it short
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
 
     @flow
     def both():
-        # AWS_ENDPOINT_URL (tests/conftest.py) is a free port with nothing listening: connection refused
         down = task.with_options(name="ingest")("ingest", cfg, {"ingest.inputs": [ONE_FILE]}, "s3://kiln-down/runs",
                                                "r", False, return_state=True)
         data = task.with_options(name="ingest")("ingest", cfg, {"ingest.inputs": [str(bad / "*.warc.gz")],

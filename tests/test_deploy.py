@@ -384,3 +384,35 @@ def test_flow_on_a_locked_run_id_fails_at_once_naming_the_holder(prefect_api, tm
     assert state.is_failed() and f"in use by pid {p.pid}" in state.message
     assert _task_runs_of(state.state_details.flow_run_id) == []
     assert not Storage(storage).exists("r1/ingest")
+
+
+# -- prefect.yaml, compose.yaml and the Dockerfile agree with the code ----------------------------------------------
+def test_prefect_yaml_and_compose_match_the_served_deployments():
+    import yaml
+
+    from flows.deploy import DEFAULT_CRON, deployments
+
+    served = {d.name: d for d in deployments()}
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    declared = {d["name"]: d for d in spec["deployments"]}
+    assert declared.keys() == served.keys()
+    for name, d in declared.items():
+        module, fn = d["entrypoint"].split(":")
+        assert served[name].flow_name == getattr(__import__(module[:-3].replace("/", "."), fromlist=[fn]), fn).name
+        assert d["enforce_parameter_schema"] is True and d["work_pool"]["name"] == "kiln"
+        crons = [(s["cron"], s["timezone"]) for s in d["schedules"]]
+        assert crons == [(s.schedule.cron, s.schedule.timezone) for s in served[name].schedules]
+    assert crons == [(DEFAULT_CRON, "UTC")]  # nightly-refresh, last
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    svc = compose["services"]
+    assert "postgresql+asyncpg://" in svc["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    worker_env = svc["worker"]["environment"]
+    assert worker_env["KILN_STORAGE"].startswith("s3://kiln/") and worker_env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert "mb -p s3/kiln" in svc["create-bucket"]["entrypoint"][-1]
+    assert svc["worker"]["command"][-3:] == ["kiln", "--type", "process"] and "deploy --all" in svc["deploy"]["command"][-1]
+    assert svc["serve"]["command"] == ["python", "-m", "flows.deploy"]
+    assert (ROOT / svc["worker"]["build"]["context"].replace("..", ".") / svc["worker"]["build"]["dockerfile"]).is_file()
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "-c constraints.txt" in dockerfile and "\nUSER ${KILN_UID}" in dockerfile
+    assert '"prefect", "worker", "start", "--pool", "kiln"' in dockerfile

@@ -47,6 +47,27 @@ def serve(cron: str | None = None, timezone: str | None = None, nightly: bool = 
     prefect_serve(*deployments(cron, timezone, nightly), limit=limit)
 
 
+def deploy(pool: str = "kiln", names: list[str] | None = None) -> int:
+    """`kiln deploy`: the process work pool ``pool`` (created when missing) and prefect.yaml's deployments
+    (``prefect deploy --all``, or only ``names``), with the pull step pointing at this checkout unless KILN_HOME
+    says otherwise. Returns prefect's exit code."""
+    import subprocess
+
+    from flows import REPO
+
+    env = {**os.environ, "KILN_HOME": os.environ.get("KILN_HOME") or str(REPO)}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    cli = [sys.executable, "-m", "prefect"]
+    if subprocess.run(cli + ["work-pool", "inspect", pool], env=env, cwd=REPO, capture_output=True).returncode:
+        made = subprocess.run(cli + ["work-pool", "create", pool, "--type", "process"], env=env, cwd=REPO)
+        if made.returncode:
+            return made.returncode
+    which = [a for n in names for a in ("--name", n)] if names else ["--all"]
+    if pool != "kiln":
+        which += ["--pool", pool]
+    return subprocess.run(cli + ["--no-prompt", "deploy", *which], env=env, cwd=REPO).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln serve", description="serve Kiln's deployments (needs PREFECT_API_URL)")
     p.add_argument("--cron", default=None, help=f"nightly-refresh schedule (default $KILN_NIGHTLY_CRON or {DEFAULT_CRON!r})")

@@ -199,16 +199,17 @@ def test_prefect_yaml_deploys_onto_a_work_pool_and_a_process_worker_runs_it(tmp_
 
 
 def _deploy_and_work(api, env, logs, tmp_path):
-    cli = [sys.executable, "-m", "prefect"]
-    pool = subprocess.run(cli + ["work-pool", "create", "kiln", "--type", "process"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert pool.returncode == 0, pool.stdout[-2000:] + pool.stderr[-2000:]
-    dep = subprocess.run(cli + ["--no-prompt", "deploy", "--name", "data"], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
-    assert dep.returncode == 0, dep.stdout[-2000:] + dep.stderr[-2000:]
+    from flows.deploy import deploy
+
+    with pytest.MonkeyPatch.context() as mp:  # `kiln deploy --name data`: creates the pool, then prefect deploy
+        for k in ("PREFECT_API_URL", "PREFECT_HOME", "KILN_HOME"):
+            mp.setenv(k, env[k])
+        assert deploy(names=["data"]) == 0
+        assert deploy(names=["data"]) == 0  # again: the pool exists, the deployment is updated
     d = _deployment(api, "kiln-data", "data", logs)
     assert d["work_pool_name"] == "kiln" and d["enforce_parameter_schema"]
     assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    cli = [sys.executable, "-m", "prefect"]
     wlog = tmp_path / "worker.log"
     worker = subprocess.Popen(cli + ["worker", "start", "--pool", "kiln", "--type", "process"], env=env,
                               cwd=tmp_path, stdout=open(wlog, "w"), stderr=subprocess.STDOUT)

@@ -90,12 +90,14 @@ def test_report_numbers_equal_the_manifests(runs):
     assert funnel["ingest"]["records_in"] == ms["ingest"]["counts"]["documents_in"] == 101
     assert funnel["shard"]["tokens"] == ms["shard"]["counts"]["tokens_out"] and not funnel["shard"]["tokens_estimated"]
     assert funnel["filter"]["tokens_estimated"]  # before sharding: bytes / the tokenizer's bytes per token
-    assert funnel["filter"]["tokens"] == round(ms["filter"]["counts"]["bytes_out"] / ms["tokenizer"]["metrics"]["bytes_per_token"])
+    bpt = ms["tokenizer"]["metrics"]["bytes_per_token"]
+    assert funnel["filter"]["tokens"] == round(ms["filter"]["counts"]["bytes_out"] / bpt)
     assert funnel["reweight"]["added"] == ms["reweight"]["counts"]["added"]
 
     # removed by reason, the filters' finer reasons, and links to the sample files the stages wrote
     flt = rep["removed"]["filter"]
-    assert flt["by_reason"] == ms["filter"]["counts"]["removed"] and flt["removed_reasons"] == ms["filter"]["counts"]["removed_reasons"]
+    fc = ms["filter"]["counts"]
+    assert flt["by_reason"] == fc["removed"] and flt["removed_reasons"] == fc["removed_reasons"]
     [samples] = flt["samples"]
     assert samples["url"] == root.sub("filter").url("removed_samples.jsonl.gz")
     lines = gzip.decompress(root.read_bytes("filter/removed_samples.jsonl.gz")).decode().splitlines()
@@ -254,10 +256,12 @@ def test_report_in_s3(runs, s3_bucket):
             remote.sub("a", stage).write_bytes(rel, local.sub(stage).read_bytes(rel))
     rep = report.write(remote, "a")
     want = report.build(runs, "a")
-    assert rep["funnel"] == [{**r, "removed_samples": [u.replace(local.url(), remote.sub("a").url()) for u in r["removed_samples"]]}
-                             for r in want["funnel"]]
+    moved = [{**r, "removed_samples": [u.replace(local.url(), remote.sub("a").url()) for u in r["removed_samples"]]}
+             for r in want["funnel"]]
+    assert rep["funnel"] == moved
     assert [r["file_sha256"] for r in rep["lineage"]] == [r["file_sha256"] for r in want["lineage"]]
     out = remote.sub("a", "report")
     assert rep["files"]["report.md"] == out.url("report.md") and rep["files"]["report.md"].startswith("s3://")
     assert all(out.read_bytes(f"plots/{n}")[:4] == b"\x89PNG" for n in rep["plots"])
-    assert f"samples: [{remote.sub('a', 'filter').url('removed_samples.jsonl.gz')}]" in out.read_bytes("report.md").decode()
+    link = remote.sub("a", "filter").url("removed_samples.jsonl.gz")
+    assert f"samples: [{link}]" in out.read_bytes("report.md").decode()

@@ -143,7 +143,8 @@ def _dedup(m: dict | None, root: Storage, top: int = 10) -> dict | None:
                                                         "removed": 0, "min_jaccard": None, "urls": []})
                 cl["removed"] += 1
                 if _num(r.get("jaccard")):
-                    cl["min_jaccard"] = r["jaccard"] if cl["min_jaccard"] is None else min(cl["min_jaccard"], r["jaccard"])
+                    j = cl["min_jaccard"]
+                    cl["min_jaccard"] = r["jaccard"] if j is None else min(j, r["jaccard"])
                 cl["urls"].append(r.get("url"))
         out["largest_clusters"] = sorted(clusters.values(), key=lambda x: (-x["removed"], str(x["cluster"])))[:top]
         out["duplicates_url"] = root.sub("dedup").url("duplicates.jsonl.gz")
@@ -203,7 +204,8 @@ def _training(ms: dict, root: Storage) -> dict | None:
     out = {"summary": {k: met[k] for k in TRAIN_KEYS if k in met}, "checkpoint": root.sub("train").url("final")}
     weights = [o for o in m.get("outputs", []) if o.get("path") in ("final/model.safetensors", "final/model.pt")]
     if weights:
-        out["checkpoint_files"] = [{"path": o["path"], "sha256": o.get("sha256"), "bytes": o.get("bytes")} for o in weights]
+        out["checkpoint_files"] = [{"path": o["path"], "sha256": o.get("sha256"), "bytes": o.get("bytes")}
+                                   for o in weights]
     rows = _read_jsonl(root.sub("train"), "metrics.jsonl") if "metrics.jsonl" in _outputs(m) else []
     keys = ("step", "loss", "lr", "tokens_per_s", "grad_norm", "tokens", "mfu")
     out["curve"] = [{k: r[k] for k in keys if _num(r.get(k))} for r in rows if _num(r.get("step"))]
@@ -234,7 +236,8 @@ def _evaluation(ms: dict, root: Storage) -> dict | None:
     gens = [{k: g.get(k) for k in ("prompt", "mode", "top_k", "seed", "text")} for g in rep.get("generations") or []
             if isinstance(g, dict)]
     return {"checkpoint": rep.get("checkpoint"), "step": rep.get("step"), "params": rep.get("params"), "sets": sets,
-            "last_word": tasks, "curve": curve, "generations": gens, "report_url": root.sub("evaluate").url("report.json"),
+            "last_word": tasks, "curve": curve, "generations": gens,
+            "report_url": root.sub("evaluate").url("report.json"),
             "generations_url": root.sub("evaluate").url("generations.md") if "generations.md" in _outputs(m) else None}
 
 
@@ -260,7 +263,8 @@ def build(storage: str | Storage, run_id: str) -> dict:
     root = _root(storage, run_id)
     ms = {s: m for s in STAGES if (m := read_manifest(root, s)) is not None}
     norm = (ms.get("normalize") or {}).get("counts", {})
-    return {"run_id": run_id, "location": root.url(), "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"run_id": run_id, "location": root.url(), "generated_at": now,
             "stages": list(ms), "complete": len(ms) == len(STAGES),
             "funnel": _funnel(ms, root), "removed": _removed(ms, root), "dedup": _dedup(ms.get("dedup"), root),
             "languages": norm.get("languages"), "mixture": _mixture(ms, root), "tokenizer": _tokenizer(ms),
@@ -306,7 +310,8 @@ def plots(rep: dict) -> dict[str, bytes]:
         h, lab = ax.get_legend_handles_labels()
         if lr:
             ax2 = ax.twinx()
-            ax2.plot([r["step"] for r in lr], [r["lr"] for r in lr], color="tab:orange", alpha=0.8, label="learning rate")
+            ax2.plot([r["step"] for r in lr], [r["lr"] for r in lr], color="tab:orange", alpha=0.8,
+                     label="learning rate")
             ax2.set_ylabel("learning rate")
             h2, l2 = ax2.get_legend_handles_labels()
             h, lab = h + h2, lab + l2
@@ -406,13 +411,15 @@ def render_funnel(rep: dict) -> str:
 
 def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
     """report.md. ``plot_links``: file name -> link target (relative in storage, URLs for Prefect)."""
-    L = [f"# Kiln run report: `{rep['run_id']}`", "", f"Location: `{rep['location']}` · generated {rep['generated_at']}"
+    L = [f"# Kiln run report: `{rep['run_id']}`", "",
+         f"Location: `{rep['location']}` · generated {rep['generated_at']}"
          + ("" if rep["complete"] else " · **incomplete run** (stages present: " + ", ".join(rep["stages"]) + ")"), ""]
     links = plot_links or {}
     L += ["## Data funnel", ""]
     L += _table(["stage", "records / docs in", "docs out", "bytes out", "words out", "tokens", "removed", "added"],
                 [[r["stage"], _n(r["records_in"] if r["records_in"] is not None else r["documents_in"]),
-                  _n(r["documents_out"]), _n(r["bytes_out"]), _n(r["words_out"]), _n(r["tokens"], r["tokens_estimated"]),
+                  _n(r["documents_out"]), _n(r["bytes_out"]), _n(r["words_out"]),
+                  _n(r["tokens"], r["tokens_estimated"]),
                   ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v) or "",
                   ", ".join(f"{k}={v}" for k, v in r["added"].items() if v) or ""] for r in rep["funnel"]])
     if any(r["tokens_estimated"] for r in rep["funnel"]):
@@ -446,7 +453,8 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
                          for c in d["largest_clusters"]])
     if rep.get("languages"):
         L += ["## Language mix (normalize)", ""]
-        L += _table(["language", "documents"], [[k, _n(v)] for k, v in sorted(rep["languages"].items(), key=lambda x: -x[1])])
+        langs = sorted(rep["languages"].items(), key=lambda x: -x[1])
+        L += _table(["language", "documents"], [[k, _n(v)] for k, v in langs])
     mix = rep.get("mixture")
     if mix and mix.get("domains"):
         L += [f"## Domain mix ({mix.get('key') or 'domain'}) before / after reweighting", ""]
@@ -454,7 +462,8 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
         rows = []
         for dname, v in sorted(mix["domains"].items()):
             v = v if isinstance(v, dict) else {}
-            rows.append([dname, _n(v.get("weight")), _n(v.get("docs")), _n(v.get("docs_after")), _n(v.get("share_before")),
+            rows.append([dname, _n(v.get("weight")), _n(v.get("docs")), _n(v.get("docs_after")),
+                         _n(v.get("share_before")),
                          _n(v.get("share_target")), _n(v.get("share_after")), _n((tok.get(dname) or {}).get("share")),
                          _n((tok.get(dname) or {}).get("tokens")), _n(v.get("epochs"))])
         L += _table(["domain", "weight", "docs before", "docs after", "share before", "target", "share after",
@@ -484,13 +493,16 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
         if ev.get("report_url"):
             L += [f"checkpoint `{ev.get('checkpoint')}` (step {ev.get('step')}); [report.json]({ev['report_url']})", ""]
         if ev.get("sets"):
-            L += _table(["set", "tokens", *EVAL_KEYS[:5]], [[r["set"], *(_n(r.get(k)) for k in ("tokens", *EVAL_KEYS[:5]))]
-                                                             for r in eval_table(rep) if "tokens" in r])
+            cols = ("tokens", *EVAL_KEYS[:5])
+            L += _table(["set", *cols], [[r["set"], *(_n(r.get(k)) for k in cols)]
+                                         for r in eval_table(rep) if "tokens" in r])
         if ev.get("last_word"):
             L += _table(["last-word task", "examples", "accuracy", "perplexity"],
-                        [[n, _n(t.get("examples")), _n(t.get("accuracy")), _n(t.get("perplexity"))] for n, t in ev["last_word"].items()])
+                        [[n, _n(t.get("examples")), _n(t.get("accuracy")), _n(t.get("perplexity"))]
+                         for n, t in ev["last_word"].items()])
         if ev.get("metrics") and not ev.get("sets"):
-            L += _table(["metric", "value"], [[k, _n(v)] for k, v in ev["metrics"].items() if not isinstance(v, (list, dict))])
+            L += _table(["metric", "value"],
+                        [[k, _n(v)] for k, v in ev["metrics"].items() if not isinstance(v, (list, dict))])
         if ev.get("curve"):
             keys = sorted({k for c in ev["curve"] for k in c if k not in ("step", "checkpoint")})
             L += ["Per checkpoint:", ""] + _table(["step", *keys], [[_n(c.get("step")), *(_n(c.get(k)) for k in keys)]
@@ -501,11 +513,12 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
                 how = "greedy" if g.get("mode") == "greedy" else f"top-{g.get('top_k')}, seed {g.get('seed')}"
                 L.append(f"- ({how}) **{g.get('prompt')}**{str(g.get('text') or '').replace(chr(10), ' ')}")
             L.append("")
-    L += ["## Lineage", "", "manifest sha256 = `runner.manifest_hash` (what downstream manifests record); file sha256 = "
-          "the manifest.json bytes. ✓: the hash an input recorded equals that input's manifest now.", ""]
+    L += ["## Lineage", "", "manifest sha256 = `runner.manifest_hash` (what downstream manifests record); "
+          "file sha256 = the manifest.json bytes. ✓: the hash an input recorded equals that input's manifest now.",
+          ""]
     rows = []
     for r in rep["lineage"]:
-        ins = ", ".join(f"{k} {v['manifest_sha256'][:12] if v['manifest_sha256'] else '-'}{' ✓' if v['consistent'] else ' ✗'}"
+        ins = ", ".join(f"{k} {(v['manifest_sha256'] or '-')[:12]}{' ✓' if v['consistent'] else ' ✗'}"
                         for k, v in r["inputs"].items())
         rows.append([r["stage"], "yes" if r["behind_checkpoint"] else "", f"`{r['fingerprint']}`",
                      f"`{r['manifest_sha256']}`", f"`{r['file_sha256']}`", ins])
@@ -567,7 +580,8 @@ def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
     A, B = build(storage, run_a), build(storage, run_b)
     rows = []
     for s in dict.fromkeys([*A["config"], *B["config"]]):
-        rows += _rows(f"config {s}", _flat(A["config"].get(s) or {}), _flat(B["config"].get(s) or {}), only_changed=True)
+        rows += _rows(f"config {s}", _flat(A["config"].get(s) or {}), _flat(B["config"].get(s) or {}),
+                      only_changed=True)
 
     def funnel(rep):
         out = {}
@@ -582,7 +596,8 @@ def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
 
     def mixture(rep):
         m = rep.get("mixture") or {}
-        out = {f"{d} share_after": v.get("share_after") for d, v in (m.get("domains") or {}).items() if isinstance(v, dict)}
+        out = {f"{d} share_after": v.get("share_after") for d, v in (m.get("domains") or {}).items()
+               if isinstance(v, dict)}
         out.update({f"{d} token share": v.get("share") for d, v in (m.get("tokens") or {}).items()})
         return out
 

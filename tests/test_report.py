@@ -16,7 +16,7 @@ import shutil
 
 import pytest
 
-from conftest import CRAWL, load_tiny
+from conftest import CRAWL, SHARED, load_tiny
 from stages import NEEDS, STAGES
 from stages.core import report
 from stages.core.runner import manifest_hash, run_stage
@@ -64,9 +64,13 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     warc = tmp / "slice.warc.gz"
     assert write_slice(warc) == 101
+    speeches = (SHARED / "eval" / "tinyshakespeare" / "input.txt").read_text().split("\n\n")
+    passages = [p.split("\n", 1)[1].replace("\n", " ") for p in speeches if len(p.split()) >= 25][:20]
+    (tmp / "last_word.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    last_word = [{"name": "shakespeare-last-word", "path": str(tmp / "last_word.jsonl")}]
     storage = str(tmp / "art")
     for rid, extra in (("a", {}), ("b", STRICTER)):
-        cfg = load_tiny(tmp, {**SMALL, "ingest.inputs": [str(warc)], **extra})
+        cfg = load_tiny(tmp, {**SMALL, "ingest.inputs": [str(warc)], "evaluate.last_word": last_word, **extra})
         for stage in STAGES:
             run_stage(stage, cfg, storage, rid)
     return storage
@@ -131,6 +135,11 @@ def test_report_numbers_equal_the_manifests(runs):
         for k in ("loss", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "tokens"):
             assert rep["evaluation"]["sets"][name].get(k) == s.get(k), (name, k)
     assert [g["text"] for g in rep["evaluation"]["generations"]] == [g["text"] for g in ev["generations"]]
+    lw = rep["evaluation"]["last_word"]["shakespeare-last-word"]
+    assert lw == {k: ev["last_word"]["shakespeare-last-word"][k] for k in ("examples", "accuracy", "perplexity")}
+    assert lw["examples"] == 20
+    assert [c["step"] for c in rep["evaluation"]["curve"]] == [c["step"] for c in ev["curve"]] == [2, 4]
+    assert rep["evaluation"]["curve"][-1]["validation.loss"] == ev["sets"]["validation"]["loss"]  # step 4 = final
 
 
 def test_lineage_hashes_are_the_manifests(runs, tmp_path):
@@ -205,6 +214,9 @@ def test_compare_two_runs_shows_what_changed(runs):
     assert (loss["a"], loss["b"]) == (a["train"]["metrics"]["final_loss"], b["train"]["metrics"]["final_loss"])
     ev_b = Storage(runs).sub("b").read_json("evaluate/report.json")["sets"]
     assert rows[("eval", "wikitext-2 bits_per_byte")]["b"] == ev_b["wikitext-2"]["bits_per_byte"]
+    lw = rows[("eval", "shakespeare-last-word perplexity")]
+    assert (lw["a"], lw["b"]) == tuple(Storage(runs).sub(r).read_json("evaluate/report.json")["last_word"]
+                                       ["shakespeare-last-word"]["perplexity"] for r in "ab")
 
     text = report.render_compare(diff)
     assert re.search(r"removed: filter gopher_quality\s+%d\s+%d\s+\+%d" % (gq["a"], gq["b"], gq["delta"]), text)

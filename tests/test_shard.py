@@ -242,3 +242,23 @@ def test_curriculum_phases_and_sampler_order(tmp_path):
     assert np.array_equal(plain.global_batch(0), np.random.default_rng([3, 0]).permutation(len(ds))[:8])
     assert np.array_equal(BatchSampler(len(ds), 8, seed=3, phases=[len(ds)]).global_batch(5), plain.global_batch(5))
     assert set(ds.phase(plain.global_batch(0))) != {0}
+
+
+def test_reader_takes_multi_member_gzip_and_skips_a_bad_line(tmp_path):
+    """The bytes reader: a data file of two gzip members (as `cat a.gz b.gz` makes) is read whole, in the
+    in-process path; a line that is not JSON is skipped like datatrove's JsonlReader skips it."""
+    import gzip
+    import json
+
+    from conftest import seed_stage
+
+    root, docs = str(tmp_path), mixed_docs(20, 20, 5)
+    first = "".join(json.dumps(d) + "\n" for d in docs[:20]).encode()
+    second = ("{not json\n" + "".join(json.dumps(d) + "\n" for d in docs[20:])).encode()
+    seed_stage(root, "g", "reweight", [], extra_files={"data/00000.jsonl.gz": gzip.compress(first, mtime=0) +
+                                                       gzip.compress(second, mtime=0)})
+    cfg = load_tiny(tmp_path, {**FAST, "shard.inprocess_below_mb": 16})
+    run_stage("tokenizer", cfg, root, "g")
+    m = run_stage("shard", cfg, root, "g")
+    assert m["counts"]["documents_in"] == m["counts"]["documents_out"] == len(docs)
+    assert sorted(read_split(Storage(root).sub("g", "shard"))) == sorted(d["id"] for d in docs)

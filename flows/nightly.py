@@ -38,8 +38,9 @@ kiln_stage = stage_task.with_options(retries=RETRIES, retry_delay_seconds=RETRY_
                                      retry_condition_fn=retry_transient)
 
 
-def run_chain(p: RunParams, stages: list[str], extra: dict | None = None):
-    """Run ``stages`` (DAG order) as task runs; a Failed state at the first failed stage, else the run summary."""
+def run_chain(p: RunParams, stages: list[str], extra: dict | None = None, stop_if_empty: tuple = ()):
+    """Run ``stages`` (DAG order) as task runs; a Failed state at the first failed stage, else the run summary.
+    A stage in ``stop_if_empty`` that keeps no document ends the chain there (``stopped_after``), completed."""
     try:
         _, uri, rid = p.load(extra)  # a bad profile or override fails here, before any task run
     except ConfigError as e:
@@ -55,13 +56,18 @@ def run_chain(p: RunParams, stages: list[str], extra: dict | None = None):
                 if not state.is_completed():
                     return Failed(message=state.message or f"stage '{stage}' failed")
                 ran[stage] = state.result()
+                if stage in stop_if_empty and ran[stage]["counts"].get("documents_out") == 0:
+                    break
     except RunLocked as e:
         get_run_logger().error("%s", e)
         return Failed(message=str(e))
     result = summary.collect(uri, rid)
     for row in result["stages"]:
         row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)
-    result.update(storage=uri, run_id=rid, ran=list(ran))
+    last = list(ran)[-1] if ran else None
+    result.update(storage=uri, run_id=rid, ran=list(ran),
+                  stopped_after=last if last in stop_if_empty and ran[last]["counts"].get("documents_out") == 0
+                  else None)
     create_markdown_artifact(key=re.sub(r"[^a-z0-9-]+", "-", f"kiln-summary-{rid}".lower())[:100],
                              markdown="```\n" + summary.render(result) + "\n```",
                              description=f"Kiln run {rid}: {', '.join(ran)}")
@@ -107,9 +113,15 @@ def nightly_refresh(run: NightlyParams = NightlyParams()) -> dict:
     version = run.version or datetime.now(timezone.utc).strftime("%Y%m%d")
     p = run.model_copy(update={"run_id": run.run_id or f"nightly-{version}"})
     extra = {"ingest.inputs": run.source, "dedup.snapshot": version}
-    result = run_chain(p, DATA_STAGES + (TRAIN_STAGES if run.continue_training else []), extra)
+    result = run_chain(p, DATA_STAGES + (TRAIN_STAGES if run.continue_training else []), extra,
+                       stop_if_empty=("dedup",))
     if not isinstance(result, dict):
         return result
+    if result["stopped_after"]:  # every document was already in an earlier snapshot: nothing to publish
+        dedup = next(r for r in result["stages"] if r["stage"] == "dedup")
+        get_run_logger().info("version %s: no new documents (all %s were duplicates of earlier snapshots); "
+                              "nothing published", version, dedup.get("documents_in"))
+        return {**result, "version": None}
     entry = publish_version(result["storage"], version, result)
     get_run_logger().info("published dataset version %s: %s", version, entry)
     return {**result, "version": entry}

@@ -417,3 +417,32 @@ def test_prefect_yaml_and_compose_match_the_served_deployments():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert "-c constraints.txt" in dockerfile and "\nUSER ${KILN_UID}" in dockerfile
     assert '"prefect", "worker", "start", "--pool", "kiln"' in dockerfile
+
+
+def test_nightly_refresh_second_snapshot_adds_only_new_documents(prefect_api, tmp_path):
+    """Version v1 = one crawl file; v2 = that file again plus another: dedup against the cross-snapshot index
+    keeps only v2's new pages, both versions stay published in nightly/versions.json."""
+    import gzip
+
+    from flows.nightly import nightly_refresh
+    from flows.params import NightlyParams
+
+    storage = str(tmp_path / "art")
+    other = str(CRAWL / "docs.djangoproject.com-0001.warc.gz")
+    v1 = nightly_refresh(NightlyParams(storage=storage, source=[ONE_FILE], version="v1"))
+    v2 = nightly_refresh(NightlyParams(storage=storage, source=[ONE_FILE, other], version="v2"))
+    assert (v1["run_id"], v2["run_id"]) == ("nightly-v1", "nightly-v2")
+    root = Storage(storage)
+    d1 = root.read_json("nightly-v1/dedup/manifest.json")["counts"]
+    d2 = root.read_json("nightly-v2/dedup/manifest.json")["counts"]
+    across = d2["index"]["exact"] + d2["index"]["url"] + d2["index"]["near"]
+    assert d2["index"]["prior_documents"] == d1["documents_out"] > 0
+    assert across >= d1["documents_out"]  # every v1 page came again and was dropped as an earlier snapshot's
+    assert d2["documents_out"] == d2["documents_in"] - sum(d2["removed"].values()) and across <= sum(d2["removed"].values())
+    kept = root.sub("nightly-v2", "dedup")
+    hosts = {json.loads(line)["metadata"]["url"].split("/")[2]
+             for rel in kept.list("data", suffix=".jsonl.gz") for line in gzip.decompress(kept.read_bytes(rel)).splitlines()}
+    assert hosts == {"docs.djangoproject.com"}  # nothing of the v1 snapshot (docs.python.org) is published again
+    book = root.read_json("nightly/versions.json")["versions"]
+    assert [v["version"] for v in book] == ["v1", "v2"] and v2["version"]["documents"] > 0
+    assert root.exists("nightly-v1/shard/manifest.json") and root.exists("nightly-v2/shard/manifest.json")

@@ -404,6 +404,12 @@ def test_prefect_yaml_and_compose_match_the_served_deployments():
         crons = [(s["cron"], s["timezone"]) for s in d["schedules"]]
         assert crons == [(s.schedule.cron, s.schedule.timezone) for s in served[name].schedules]
     assert crons == [(DEFAULT_CRON, "UTC")]  # nightly-refresh, last
+    (other,) = deployments(cron="30 3 * * 1-5", timezone="Europe/Paris")[-1].schedules
+    assert (other.schedule.cron, other.schedule.timezone) == ("30 3 * * 1-5", "Europe/Paris")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_NIGHTLY_TZ", "America/New_York")
+        assert deployments()[-1].schedules[0].schedule.timezone == "America/New_York"
+    assert [d.name for d in deployments(nightly=False)] == ["pipeline", "data", "train"]
 
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     svc = compose["services"]

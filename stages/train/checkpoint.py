@@ -17,12 +17,15 @@ def step_dir(step: int) -> str:
     return f"checkpoints/step_{step:06d}"
 
 
-def save_model(storage, rel_dir: str, model: torch.nn.Module, cfg: GPTConfig, info: dict | None = None,
+def save_model(storage, rel_dir: str, model: torch.nn.Module | dict, cfg: GPTConfig, info: dict | None = None,
                safetensors: bool = False) -> list[str]:
     """Write the bare model's weights (fp32, CPU) and config; with ``safetensors`` also ``model.safetensors``
     (the same tensors, loadable without Kiln or torch.load: ``safetensors.torch.load_file``; a tied head is
-    stored once, under ``embed.weight``). Returns the relative paths written."""
-    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+    stored once, under ``embed.weight``). ``model``: a bare model, or its full state dict (what
+    ``parallel.full_state_dict`` gathers from FSDP shards: the same keys and format as DDP's). Returns the
+    relative paths written."""
+    src = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in src.items()}
     buf = io.BytesIO()
     torch.save(state, buf)
     storage.write_bytes(f"{rel_dir}/{MODEL_FILE}", buf.getvalue())

@@ -1,8 +1,9 @@
-"""Distribution, applied from outside the model: process group setup, DDP wrapping, collectives.
+"""Distribution, applied from outside the model: process group setup, DDP or FSDP2, compile, collectives.
 
-The worker calls ``init()`` once (torchrun provides RANK/WORLD_SIZE/MASTER_ADDR), ``parallelize()``
-on the bare model, and ``unwrap()`` to reach the bare model again for checkpoints. Other strategies
-(FSDP2 ``fully_shard`` on a device mesh) slot in here without touching model.py.
+The worker calls ``init()`` once (torchrun provides RANK/WORLD_SIZE/MASTER_ADDR), then on the bare model, in
+torchtitan's order: ``checkpoint_activations()`` (optional), ``compile_blocks()`` (optional), ``parallelize()``
+(DDP wrapper, or FSDP2 ``fully_shard`` in place), and ``full_state_dict()`` for the consolidated weights.
+model.py knows nothing of this.
 """
 
 from __future__ import annotations
@@ -59,25 +60,113 @@ def checkpoint_activations(model: nn.Module) -> nn.Module:
     return model
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """``torch.compile`` per transformer block (torchtitan's way), in place with ``nn.Module.compile()``: no
+    ``OptimizedModule`` wrapper, so parameter names and state dict keys stay those of the plain model (no
+    ``_orig_mod.``). Applied after activation checkpointing and before the DDP/FSDP wrap."""
+    for block in model.blocks:
+        block.compile()
+    return model
+
+
 def parallelize(model: nn.Module, d: Dist, strategy: str = "ddp", dev: torch.device | None = None) -> nn.Module:
-    """Wrap the model for data parallelism. One rank: the model as is."""
+    """Wrap the model for data parallelism; returns the module to call forward on.
+
+    ``ddp``: DistributedDataParallel (one rank: the model as is). ``fsdp``: FSDP2 ``fully_shard`` on a 1-D device
+    mesh over all ranks, torchtitan style: each transformer block is its own unit (its parameters gathered for
+    its forward/backward, resharded after), then the root (embedding, final norm, head; a tied head is the
+    embedding's one parameter). In place: ``model`` itself then holds DTensor parameters sharded on dim 0, so
+    the optimizer is built after this. Applied on one rank too (a mesh of one), so a 1-rank run takes the
+    same code path and can be compared with an N-rank one."""
+    if strategy == "fsdp":
+        if not dist.is_initialized():
+            return model  # a plain ``python -m`` run without torchrun
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(dev.type if dev is not None else "cpu", (d.world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    if strategy != "ddp":
+        raise ValueError(f"unknown parallel strategy '{strategy}'")
     if d.world == 1:
         return model
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        on_gpu = dev is not None and dev.type == "cuda"
-        return DDP(model, device_ids=[dev.index] if on_gpu else None)
-    raise ValueError(f"unknown parallel strategy '{strategy}'")
+    on_gpu = dev is not None and dev.type == "cuda"
+    return DDP(model, device_ids=[dev.index] if on_gpu else None)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+@contextlib.contextmanager
 def no_sync(model: nn.Module, skip: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
+    """Skip the gradient reduction on all but the last micro-batch of an accumulation: DDP's ``no_sync()``;
+    FSDP2 ``set_requires_gradient_sync(False)`` (gradients accumulate unsharded, reduce-scattered on the last)."""
+    if not skip:
+        yield
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip all gradients to a global L2 norm of ``max_norm`` (0: no clipping); returns the norm before clipping.
+    Under FSDP the gradients are DTensor shards: ``clip_grad_norm_`` sums the shards' squares over the mesh, so
+    the norm is the global one (a 2-rank run logs the 1-rank norm; tests/test_train.py checks it)."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state_dict(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain fp32 CPU tensors, keys as in a bare ``GPT().state_dict()``; on rank 0
+    (other ranks: ``{}``). Collective under FSDP (every rank must call it): the shards are gathered with
+    ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``. Wrapper prefixes (``_orig_mod.`` of a
+    compiled module, ``_checkpoint_wrapped_module.``, ``module.``) never reach the keys."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not d.is_main:
+            return {}
+    elif not d.is_main:
+        return {}
+    else:
+        state = unwrap(model).state_dict()
+    clean = lambda k: ".".join(p for p in k.split(".") if p not in _WRAPPERS)  # noqa: E731
+    return {clean(k): v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+_WRAPPERS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def broadcast(obj, d: Dist):
+    """Rank 0's Python object on every rank (decisions made once: resume step, fingerprints, the summary)."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean(value: float, d: Dist) -> float:

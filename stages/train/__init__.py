@@ -1,13 +1,15 @@
 """train: a GPT decoder trained with data parallelism on the shard stage's token shards.
 
 ``run`` checks the inputs, writes a spec, and launches ``torchrun`` as a subprocess (one process per
-rank, gloo on CPU, DDP); ``stages.train.worker`` does the training. Layout, torchtitan-style:
-``model.py`` (pure model), ``parallel.py`` (process group, DDP), ``data.py`` (batches from shards),
-``checkpoint.py`` (weights + config in storage), ``worker.py`` (the training loop).
+rank, gloo on CPU; DDP or FSDP2); ``stages.train.worker`` does the training. Layout, torchtitan-style:
+``model.py`` (pure model), ``parallel.py`` (process group, DDP/FSDP2, compile), ``data.py`` (batches from
+shards), ``checkpoint.py`` (weights + config, training state in storage), ``worker.py`` (the training loop).
+Several nodes: node 0 runs this stage, the others ``join_node`` (see there).
 
 Outputs: ``checkpoints/step_NNNNNN/{model.pt,model_config.json}`` every ``checkpoint_every`` steps and
-at the end, ``final/{model.pt,model_config.json}``, ``metrics.jsonl`` (step, loss, lr, tokens/s) and
-``logs/torchrun.log``.
+at the end (with ``state/`` + ``COMPLETE.json``: the training state to resume from), ``final/{model.pt,
+model_config.json,model.safetensors}``, ``metrics.jsonl`` (step, loss, lr, grad norm, tokens/s, MFU, memory),
+``tensorboard/`` (the same scalars as event files) and ``logs/torchrun.log``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,18 @@ class Config(Strict):
     nproc: int = Field(2, ge=1)  # processes (ranks) torchrun starts
     backend: Literal["gloo", "nccl"] = "gloo"  # nccl needs device: cuda
     device: Literal["cpu", "cuda"] = "cpu"
-    strategy: Literal["ddp"] = "ddp"
+    # ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard per block + root on a 1-D mesh (weights, gradients and
+    # AdamW state sharded over ranks; the same losses as ddp, tests/test_train.py)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False  # torch.compile per transformer block (needs a C++ compiler on CPU); see parallel.py
+    # multi-node: every node gets the same config but its own node_rank; node 0 runs the stage, the others call
+    # join_node(); torchrun's c10d rendezvous at rdzv_endpoint (node 0's host:port) joins them. node_rank,
+    # rdzv_endpoint and rdzv_id say where a job runs, not what it computes: left out of the stage fingerprint.
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0, exclude=True)
+    rdzv_endpoint: str = Field("127.0.0.1:29400", exclude=True)
+    rdzv_id: str = Field("kiln-train", exclude=True)
+    progress_every_s: float = Field(10.0, ge=0)  # progress line period when stdout is not a terminal; 0 = none
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / nproc
     dtype: Literal["fp32", "bf16"] = "bf16"  # bf16 = autocast for matmuls, fp32 weights and optimizer
     steps: int = Field(200, ge=1)
@@ -89,9 +102,12 @@ def _check_inputs(cfg: Config, ctx: StageContext) -> tuple[dict, list[str]]:
         raise StageError(f"shard manifest in {ctx.input('shard').url()} lists no tokens/train/*.bin")
     if cfg.backend == "nccl" and cfg.device != "cuda":
         raise StageError("train.backend nccl needs train.device cuda (use gloo on CPU)")
-    if cfg.global_batch % (cfg.micro_batch * cfg.nproc):
-        raise StageError(f"train.global_batch {cfg.global_batch} is not a multiple of "
-                         f"train.micro_batch {cfg.micro_batch} x train.nproc {cfg.nproc}")
+    if cfg.global_batch % (cfg.micro_batch * cfg.nproc * cfg.nnodes):
+        raise StageError(f"train.global_batch {cfg.global_batch} is not a multiple of train.micro_batch "
+                         f"{cfg.micro_batch} x train.nproc {cfg.nproc}" + (f" x train.nnodes {cfg.nnodes}"
+                                                                          if cfg.nnodes > 1 else ""))
+    if cfg.node_rank >= cfg.nnodes:
+        raise StageError(f"train.node_rank {cfg.node_rank} is not below train.nnodes {cfg.nnodes}")
     try:
         sums = {o["path"]: o["sha256"] for o in ctx.inputs["shard"].get("outputs", [])}
         opened = open_shards(ctx.input("shard"), shards, tok["vocab_size"], sums if cfg.verify_shards else None)
@@ -106,11 +122,11 @@ def _check_inputs(cfg: Config, ctx: StageContext) -> tuple[dict, list[str]]:
 
 def _spec(cfg: Config, ctx: StageContext, tok: dict, shards: list[str]) -> dict:
     threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // cfg.nproc)
-    train = cfg.model_dump(mode="json", exclude={"model", "nproc", "timeout_s", "verify_shards"})
-    if train["peak_flops"] is None and cfg.device == "cpu":
+    train = cfg.model_dump(mode="json", exclude={"model", "nproc", "timeout_s", "verify_shards", "nnodes"})
+    if train["peak_flops"] is None and cfg.device == "cpu" and cfg.node_rank == 0:  # node 0's peak x nodes
         from stages.train.flops import measure_matmul_peak
 
-        train["peak_flops"] = measure_matmul_peak(cfg.dtype, threads * cfg.nproc)
+        train["peak_flops"] = measure_matmul_peak(cfg.dtype, threads * cfg.nproc) * cfg.nnodes
         train["peak_measured"] = True
     return {
         "model": {**cfg.model.model_dump(), "vocab_size": tok["vocab_size"]},
@@ -123,10 +139,24 @@ def _spec(cfg: Config, ctx: StageContext, tok: dict, shards: list[str]) -> dict:
         "summary_path": os.path.join(ctx.workdir, "summary.json"),
         "error_dir": os.path.join(ctx.workdir, "errors"),
         "staging_dir": os.path.join(ctx.workdir, "checkpoints"),
+        "tensorboard_dir": os.path.join(ctx.workdir, "tensorboard"),
+        "node": {"rank": cfg.node_rank, "nnodes": cfg.nnodes},
     }
 
 
-def launch(spec: dict, nproc: int, workdir: str, timeout_s: int = 0) -> tuple[int, list[str], list[str]]:
+def torchrun_args(nproc: int, nodes: dict | None = None) -> list[str]:
+    """One node: ``--standalone``. Several (``nodes``: nnodes, node_rank, rdzv_endpoint, rdzv_id): a c10d
+    rendezvous at node 0's endpoint; node 0's torchrun hosts the store there. Ranks are numbered by the
+    rendezvous (``--node-rank`` is passed for the record; torchrun uses it only with the static backend)."""
+    if not nodes or nodes["nnodes"] == 1:
+        return ["--standalone", f"--nproc_per_node={nproc}"]
+    return [f"--nnodes={nodes['nnodes']}", f"--node-rank={nodes['node_rank']}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={nodes['rdzv_endpoint']}", f"--rdzv-id={nodes['rdzv_id']}",
+            f"--nproc_per_node={nproc}"]
+
+
+def launch(spec: dict, nproc: int, workdir: str, timeout_s: int = 0,
+           nodes: dict | None = None) -> tuple[int, list[str], list[str]]:
     """Run torchrun in its own process group; returns (exit code, all output lines, last stderr lines).
 
     Output is forwarded to the log as it comes. If this process is interrupted (Ctrl-C, a Prefect
@@ -134,7 +164,7 @@ def launch(spec: dict, nproc: int, workdir: str, timeout_s: int = 0) -> tuple[in
     spec_path = os.path.join(workdir, "train_spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f, indent=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, nodes),
            "-m", "stages.train.worker", spec_path]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS=str(spec["train"]["threads"]), PYTHONUNBUFFERED="1")
@@ -230,8 +260,9 @@ def _fingerprints(cfg: Config, ctx: StageContext, spec: dict) -> dict:
     sums = {o["path"]: o["sha256"] for o in ctx.inputs["shard"].get("outputs", []) if o["path"].startswith("tokens/train/")}
     sums |= {o["path"]: o["sha256"] for o in ctx.inputs["tokenizer"].get("outputs", []) if o["path"] == "tokenizer.model"}
     conf = {"model": spec["model"], "seed": spec["seed"],
-            "train": {k: v for k, v in spec["train"].items() if k not in ("threads", "peak_flops", "peak_measured",
-                                                                          "keep_checkpoints", "log_every")}}
+            "train": {k: v for k, v in spec["train"].items() if k not in (
+                "threads", "peak_flops", "peak_measured", "keep_checkpoints", "log_every", "progress_every_s",
+                "compile")}}
     h = lambda o: hashlib.sha256(json.dumps(o, sort_keys=True).encode()).hexdigest()[:16]  # noqa: E731
     return {"dataset": h(sums), "config": h(conf)}
 
@@ -262,29 +293,77 @@ def _resume_step(ctx: StageContext, fp: dict) -> int | None:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
+    """Train (see the module docstring); on several nodes this is node 0's call (see ``join_node``)."""
+    if cfg.node_rank > 0:
+        raise StageError(f"train: node_rank {cfg.node_rank} joins node 0's run with stages.train.join_node(); only "
+                         "node 0 runs the stage (it holds the run and writes the manifest)")
     tok, shards = _check_inputs(cfg, ctx)
     spec = _spec(cfg, ctx, tok, shards)
     spec["fingerprints"] = _fingerprints(cfg, ctx, spec)
     spec["resume_step"] = _resume_step(ctx, spec["fingerprints"])
     mixture = _mixture(ctx)
+    rc, lines, err_tail = _launch(cfg, spec, ctx.workdir)
+    ctx.out.write_bytes("logs/torchrun.log", ("\n".join(lines) + "\n").encode())
+    summary = _summary(cfg, spec, rc, err_tail)
+    outputs = [p for p in ctx.out.list() if not p.endswith("manifest.json")]
+    counts = {"tokens_trained": summary.pop("tokens_trained"), "steps": summary.pop("steps")}
+    return StageResult(outputs=outputs, counts=counts,
+                       metrics={**summary, "train_shards": len(shards), "data_mixture": mixture})
+
+
+def join_node(cfg, storage: str, run_id: str) -> dict:
+    """Node ``cfg.train.node_rank`` > 0 of a multi-node run: start this node's ranks and join node 0's rendezvous.
+    Returns the run's summary (the manifest's metrics and counts, as global rank 0 made them).
+
+    Semantics: every node gets the same profile; node 0 runs the stage (``kiln stage train``: it holds the run
+    lock, decides resume or start over, and writes ``logs/torchrun.log`` and the manifest); each other node calls
+    this (no run lock, no manifest, nothing written by this process). Storage must be shared (S3 or a shared file
+    system): every rank reads the shards and uploads its own training-state shard. All ranks take node 0's
+    decisions (resume step, fingerprints, peak FLOP/s) at start; global rank 0 (wherever the c10d rendezvous put it)
+    writes the model, metrics, event files and DCP metadata. Inputs are read from their manifests, as a stage."""
+    import shutil
+    import tempfile
+
+    from stages.core.runner import load_inputs
+    from stages.core.storage import Storage
+
+    t = cfg.train
+    if t.node_rank == 0:
+        raise StageError("train: node 0 runs the stage itself (kiln stage train); join_node is for node_rank > 0")
+    root = (storage if isinstance(storage, Storage) else Storage(storage)).sub(run_id)
+    workdir = tempfile.mkdtemp(prefix=f"kiln-train-node{t.node_rank}-")
     try:
-        rc, lines, err_tail = launch(spec, cfg.nproc, ctx.workdir, cfg.timeout_s)
+        ctx = StageContext("train", run_id, cfg, root, root.sub("train"), load_inputs(root, "train"), workdir)
+        tok, shards = _check_inputs(t, ctx)
+        spec = _spec(t, ctx, tok, shards)
+        spec["fingerprints"], spec["resume_step"] = _fingerprints(t, ctx, spec), None  # node 0's are used
+        rc, _, err_tail = _launch(t, spec, workdir)
+        return _summary(t, spec, rc, err_tail)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _launch(cfg: Config, spec: dict, workdir: str) -> tuple[int, list[str], list[str]]:
+    nodes = {"nnodes": cfg.nnodes, "node_rank": cfg.node_rank, "rdzv_endpoint": cfg.rdzv_endpoint,
+             "rdzv_id": cfg.rdzv_id}
+    try:
+        return launch(spec, cfg.nproc, workdir, cfg.timeout_s, nodes)
     except subprocess.TimeoutExpired:
         raise StageError(f"train: torchrun exceeded train.timeout_s={cfg.timeout_s}s and was stopped") from None
-    ctx.out.write_bytes("logs/torchrun.log", ("\n".join(lines) + "\n").encode())
+
+
+def _summary(cfg: Config, spec: dict, rc: int, err_tail: list[str]) -> dict:
+    """The summary global rank 0 made (every node's first rank writes a copy), or a one-line StageError."""
     if rc != 0:
         errs = []
         if os.path.isdir(spec["error_dir"]):
             errs = sorted(open(os.path.join(spec["error_dir"], f)).read().strip()
                           for f in os.listdir(spec["error_dir"]))
         cause = errs[0] if errs else " | ".join(l.strip() for l in err_tail[-5:] if l.strip())
-        raise StageError(f"train: torchrun exited with code {rc}: {cause}")
+        where = f" on node {cfg.node_rank}" if cfg.nnodes > 1 else ""
+        raise StageError(f"train: torchrun exited with code {rc}{where}: {cause}")
     with open(spec["summary_path"]) as f:
-        summary = json.load(f)
-    outputs = [p for p in ctx.out.list() if not p.endswith("manifest.json")]
-    counts = {"tokens_trained": summary.pop("tokens_trained"), "steps": summary.pop("steps")}
-    return StageResult(outputs=outputs, counts=counts,
-                       metrics={**summary, "train_shards": len(shards), "data_mixture": mixture})
+        return json.load(f)
 
 
 def _mixture(ctx: StageContext) -> dict | None:

@@ -314,3 +314,206 @@ def test_checkpoint_round_trip_through_s3(upstream, s3_bucket):
         return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in map(json.loads, raw.splitlines())]
 
     assert trajectory(out.read_bytes("metrics.jsonl")) == trajectory(first) and len(trajectory(first)) == 20
+
+
+# --- FSDP2, TensorBoard, progress, compile, multi-node --------------------------------------------------------
+
+def _rows(storage: str, run_id: str) -> list[dict]:
+    return [json.loads(x) for x in Storage(storage).sub(run_id, "train").read_bytes("metrics.jsonl").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fsdp_two(upstream):
+    storage, _ = upstream
+    _clone(storage, "run1", "fsdp2", ("tokenizer", "shard"))
+    return run_stage("train", load_tiny(None, {**SMALL, "train.nproc": 2, "train.strategy": "fsdp"}), storage, "fsdp2")
+
+
+def test_fsdp_matches_one_rank_and_ddp(upstream, two_rank, fsdp_two):
+    """FSDP2 (fully_shard per block + root) on 2 ranks == FSDP2 on 1 rank == DDP on 2 ranks, same global batch, at
+    every step: the loss and the global grad norm. Gradients summed over ranks instead of averaged would double
+    the 2-rank grad norm (AdamW alone would hide it in the losses); a per-shard norm would shrink it. The final
+    model is gathered into the same model.pt / model.safetensors as DDP's (keys, dtypes, tied head)."""
+    storage, _ = upstream
+    _clone(storage, "run1", "fsdp1", ("tokenizer", "shard"))
+    one = run_stage("train", load_tiny(None, {**SMALL, "train.nproc": 1, "train.strategy": "fsdp"}), storage, "fsdp1")
+    assert one["metrics"]["world_size"] == 1 and fsdp_two["metrics"]["world_size"] == 2
+    assert fsdp_two["metrics"]["strategy"] == "fsdp" and two_rank[1]["metrics"]["strategy"] == "ddp"
+    f2, f1, d2 = _rows(storage, "fsdp2"), _rows(storage, "fsdp1"), _rows(storage, "run1")
+    assert len(f2) == len(f1) == len(d2) == 30
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in f2], [r[key] for r in f1], atol=1e-3, err_msg=key)
+        np.testing.assert_allclose([r[key] for r in f2], [r[key] for r in d2], atol=1e-3, err_msg=key)
+    assert [r["lr"] for r in f2] == [r["lr"] for r in d2]
+
+    out, ref = Storage(storage).sub("fsdp2", "train"), Storage(storage).sub("run1", "train")
+    load = lambda s, rel: torch.load(io.BytesIO(s.read_bytes(rel)), weights_only=True)  # noqa: E731
+    fs, ds = load(out, "final/model.pt"), load(ref, "final/model.pt")
+    assert list(fs) == list(ds)  # same keys in the same order: no FSDP or wrapper prefixes
+    assert all(type(fs[k]) is torch.Tensor and fs[k].dtype == torch.float32 and fs[k].shape == ds[k].shape
+               for k in ds)
+    assert max((fs[k] - ds[k]).abs().max().item() for k in ds) < 1e-4  # measured: 0.0
+    assert torch.equal(fs["head.weight"], fs["embed.weight"])  # tied head gathered as the embedding
+    from safetensors.torch import load as st_load
+
+    assert set(st_load(out.read_bytes("final/model.safetensors"))) == set(ds) - {"head.weight"}
+    from stages.train.checkpoint import load_model
+
+    model, meta = load_model(out, "checkpoints/step_000010")  # a mid-run snapshot gathers the shards too
+    assert meta["step"] == 10 and model.cfg.tie_embeddings
+    # the training state is sharded: one DCP file per rank
+    assert sorted(p.rsplit("/", 1)[1] for p in out.list("checkpoints/step_000020/state")) == \
+        [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def test_fsdp_resume_from_sharded_state(upstream, fsdp_two):
+    """The FSDP run's end removed as if it had died after the step-10 checkpoint: the re-run loads the sharded
+    DCP state (weights + AdamW moments as DTensor shards) and repeats steps 11-30 exactly."""
+    storage, _ = upstream
+    _clone(storage, "fsdp2", "fsdp_resume", ("tokenizer", "shard", "train"))
+    out = Storage(storage).sub("fsdp_resume", "train")
+    for rel in ("manifest.json", "final", "checkpoints/step_000020", "checkpoints/step_000030", "metrics.jsonl",
+                "tensorboard"):
+        out.rm(rel)
+    run_stage("train", load_tiny(None, {**SMALL, "train.nproc": 2, "train.strategy": "fsdp"}), storage, "fsdp_resume")
+    assert "[train] resumed at step 10" in out.read_bytes("logs/torchrun.log").decode()
+    traj = lambda rows: [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in rows]  # noqa: E731
+    assert traj(_rows(storage, "fsdp_resume")) == traj(_rows(storage, "fsdp2"))
+    a = torch.load(io.BytesIO(out.read_bytes("final/model.pt")), weights_only=True)
+    b = torch.load(io.BytesIO(Storage(storage).sub("fsdp2", "train").read_bytes("final/model.pt")), weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_equal_metrics_rows(upstream, two_rank):
+    """The event files in tensorboard/ (read back with TensorBoard's own EventAccumulator) hold every
+    metrics.jsonl row: loss, lr, grad norm, tokens/s, GFLOP/s, MFU and max RSS at the same steps."""
+    from stages.train.worker import Board
+
+    storage, _ = upstream
+    rows = _rows(storage, "run1")
+    assert {o["path"].split("/")[0] for o in two_rank[1]["outputs"]} >= {"tensorboard"}  # in the manifest
+    got = _scalars(Path(storage) / "run1" / "train" / "tensorboard")
+    assert set(got) == set(Board.TAGS.values())
+    for key, tag in Board.TAGS.items():
+        assert [s for s, _ in got[tag]] == [r["step"] for r in rows], tag
+        np.testing.assert_allclose([v for _, v in got[tag]], [r[key] for r in rows], rtol=1e-6, err_msg=tag)
+
+
+def test_progress_lines_without_a_terminal(upstream, two_rank):
+    """Through the stage (stdout piped): no carriage-return redraws in the log, the [train] step lines as before,
+    and tqdm's meter as a plain progress line (at least at the end); on a terminal tqdm draws its live bar."""
+    from stages.train.worker import Progress
+
+    storage, _ = upstream
+    log = Storage(storage).sub("run1", "train").read_bytes("logs/torchrun.log").decode()
+    assert "\r" not in log and log.count("[train] step ") == 30
+    last = [l for l in log.splitlines() if l.startswith("[train] progress")][-1]
+    assert "100%" in last and "30/30" in last and "tok/s" in last and "loss" in last
+
+    class Pipe(io.StringIO):
+        def __init__(self, tty: bool):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    row = {"loss": 5.0, "tokens_per_s": 1000.0}
+    for tty in (False, True):
+        f = Pipe(tty)
+        p = Progress(50, 0, every_s=1e-9, file=f)
+        for done in range(1, 51):
+            p.update(done, row)
+            p.log(f"[train] step {done}") if done % 10 == 0 else None
+        p.close()
+        text = f.getvalue()
+        if tty:  # the live bar redraws in place
+            assert "\r" in text and "50/50" in text and text.count("[train] step") == 5
+        else:  # one readable line per period, never a redraw
+            lines = text.splitlines()
+            assert "\r" not in text and len(lines) == 55 and lines[-2].startswith("[train] progress 100%")
+
+
+def test_compiled_fsdp_run_saves_plain_keys(upstream, two_rank):
+    """train.compile (torch.compile per block, in place) under FSDP2 on 2 ranks: the same losses as the eager DDP
+    run at the first steps, and the saved keys are a plain GPT's (no _orig_mod.): the final model loads strictly
+    into a plain GPT."""
+    from stages.train.checkpoint import load_model
+    from stages.train.model import GPT, GPTConfig
+
+    storage, _ = upstream
+    _clone(storage, "run1", "compiled", ("tokenizer", "shard"))
+    over = {**SMALL, "train.nproc": 2, "train.strategy": "fsdp", "train.compile": True, "train.steps": 4,
+            "train.checkpoint_every": 2}
+    m = run_stage("train", load_tiny(None, over), storage, "compiled")
+    assert m["metrics"]["compile"] is True
+    np.testing.assert_allclose(_losses(storage, "compiled"), _losses(storage, "run1")[:4], atol=1e-3)  # in warmup
+    out = Storage(storage).sub("compiled", "train")
+    state = torch.load(io.BytesIO(out.read_bytes("final/model.pt")), weights_only=True)
+    meta = out.read_json("final/model_config.json")
+    plain = GPT(GPTConfig.from_dict(meta["model"]))
+    assert list(state) == list(plain.state_dict())
+    plain.load_state_dict(state, strict=True)
+    load_model(out, "final")
+    assert out.list("checkpoints/step_000002/state")  # the sharded training state of the compiled model
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_two_rank_node(upstream, two_rank):
+    """Two rendezvous 'nodes' of one rank each on this machine (nnodes 2, c10d rendezvous on 127.0.0.1): node 0 is
+    `kiln stage train`, node 1 a separate process calling join_node(), into the same storage. They train the 2-rank
+    standalone run's losses and grad norms at every step; node 0 wrote the manifest (and its log has the step
+    lines), node 1 returned the same summary; the fingerprint ignores where the nodes ran."""
+    import sys
+
+    from conftest import TINY
+
+    storage, _ = upstream
+    _clone(storage, "run1", "nodes", ("tokenizer", "shard"))
+    base = {**SMALL, "train.nproc": 1, "train.nnodes": 2, "train.rdzv_endpoint": f"127.0.0.1:{_free_port()}",
+            "train.rdzv_id": "test-nodes", "train.timeout_s": 200}
+    sets = [a for k, v in base.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    node0 = [sys.executable, "-m", "flows.cli", "stage", "train", "--storage", storage, "--run-id", "nodes", *sets]
+    join = ("import json, sys; from stages.core.config import load_config; from stages.train import join_node; "
+            "print('SUMMARY', json.dumps(join_node(load_config(sys.argv[1], json.loads(sys.argv[2])), sys.argv[3], "
+            "sys.argv[4])))")
+    node1 = [sys.executable, "-c", join, str(TINY), json.dumps({**base, "train.node_rank": 1}), storage, "nodes"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in (node0, node1)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    rows, ref = _rows(storage, "nodes"), _rows(storage, "run1")
+    assert len(rows) == 30
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in ref], atol=1e-4, err_msg=key)
+    out = Storage(storage).sub("nodes", "train")
+    m = out.read_json("manifest.json")
+    assert m["metrics"]["world_size"] == 2 and m["counts"] == two_rank[1]["counts"]
+    summary = json.loads(next(l for l in outs[1].splitlines() if l.startswith("SUMMARY ")).split(" ", 1)[1])
+    assert summary["world_size"] == 2 and summary["final_loss"] == m["metrics"]["final_loss"]
+    log = out.read_bytes("logs/torchrun.log").decode()
+    assert log.count("[train] step ") == 30 and "2 rank(s)" in log  # node 0's log: its first rank prints
+    # where the job ran is not part of the result: node 0's config on another endpoint finds the stage complete
+    moved = {**base, "train.rdzv_endpoint": "10.0.0.1:29400"}
+    assert run_stage("train", load_tiny(None, moved), storage, "nodes").get("skipped")
+    with pytest.raises(StageError, match="join_node"):  # node 1 is never a stage run
+        run_stage("train", load_tiny(None, {**base, "train.node_rank": 1}), storage, "nodes", force=True)

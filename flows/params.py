@@ -10,6 +10,7 @@ Two layers reject bad values before any stage runs:
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -79,26 +80,40 @@ class NightlyParams(RunParams):
 
 
 # -- retries: transient storage errors only ------------------------------------------------------------------
-PERMANENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 TRANSIENT_S3_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-                      "Throttling", "ThrottlingException", "503", "500"}
+                      "Throttling", "ThrottlingException", "OperationAborted", "503", "500"}
+# errnos of network hiccups, and those s3fs gives S3's SlowDown/ServiceUnavailable (EBUSY) and 500s (EREMOTEIO)
+TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EBUSY,
+                    getattr(errno, "EREMOTEIO", 121)}
 
 
-def is_transient(exc: BaseException | None) -> bool:
-    """Worth a retry: network and storage hiccups (OSError, ConnectionError, botocore connection errors, S3 5xx and
-    throttling). Not: bad data or config (StageError/ConfigError come back as a Failed state, not an exception),
-    missing or forbidden files, programming errors."""
-    if exc is None or isinstance(exc, PERMANENT_OS):
+def is_transient(exc: BaseException | None, _depth: int = 0) -> bool:
+    """Worth a retry: network and object-store hiccups (ConnectionError, TimeoutError, botocore/aiohttp connection
+    errors, S3 throttling and 5xx, OSErrors with those errnos), also when wrapped (``__cause__``/``__context__``).
+    Not: bad data or config (StageError/ConfigError come back as a Failed state, not an exception), missing or
+    forbidden files, a full or read-only disk, programming errors."""
+    if exc is None or _depth > 5:
         return False
     try:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
     except ImportError:  # pragma: no cover - botocore is pinned
-        BotoCoreError = ClientError = ()  # noqa: N806
-    if isinstance(exc, ClientError):
+        BotoCoreError = ClientError = ParamValidationError = ()  # noqa: N806
+    try:
+        from aiohttp import ClientConnectionError
+    except ImportError:  # pragma: no cover
+        ClientConnectionError = ()  # noqa: N806
+    if ClientError and isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code")) in TRANSIENT_S3_CODES
-    if isinstance(exc, (OSError, ConnectionError, TimeoutError)) or (BotoCoreError and isinstance(exc, BotoCoreError)):
+    if (ParamValidationError and isinstance(exc, ParamValidationError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)) or (BotoCoreError and isinstance(exc, BotoCoreError)) \
+            or (ClientConnectionError and isinstance(exc, ClientConnectionError)):
         return True
-    return is_transient(exc.__cause__) if exc.__cause__ is not exc else False
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return True
+    nxt = exc.__cause__ or exc.__context__
+    return nxt is not exc and is_transient(nxt, _depth + 1)
 
 
 def retry_transient(task, task_run, state) -> bool:

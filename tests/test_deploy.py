@@ -132,7 +132,7 @@ def _task_runs(api: str, flow_run_id: str) -> list[dict]:
     return _api(api, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})[1]
 
 
-def test_ui_run_of_pipeline_deployment_completes_and_bad_parameters_are_refused(served):
+def test_ui_run_of_pipeline_deployment_completes_resumes_and_refuses_bad_parameters(served):
     api, storage, logs = served
     dep = _deployment(api, "kiln-run", "pipeline", logs)
     assert dep["enforce_parameter_schema"] and not dep["schedules"]
@@ -154,6 +154,26 @@ def test_ui_run_of_pipeline_deployment_completes_and_bad_parameters_are_refused(
     assert not root.exists("filter")
     arts = _api(api, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [fr["id"]]}}})[1]
     assert any(a["key"] == "kiln-summary-ui" and "dedup" in a["data"] for a in arts)
+
+    # resume at the failed stage: dedup with another MinHash seed than the index's fails (StageError, after ingest
+    # and normalize completed); the re-run with a fresh index of its own (against the first index, every page is a
+    # duplicate of run "ui") skips ingest and normalize by their manifests and runs dedup
+    resume = {"run": {"run_id": "resume", "overrides": {"ingest.inputs": [ONE_FILE], "dedup.seed": 2}},
+              "stages": ["ingest", "normalize", "dedup"]}
+    run = _final(api, _ui_run(api, dep["id"], resume)[1]["id"], logs)
+    assert run["state"]["type"] == "FAILED" and "dedup" in run["state"]["message"], run["state"]
+    states = {t["name"].rsplit("-", 1)[0]: t["state"]["type"] for t in _task_runs(api, run["id"])}
+    assert states == {"ingest": "COMPLETED", "normalize": "COMPLETED", "dedup": "FAILED"}
+    rroot = Storage(storage).sub("resume")
+    before = {s: rroot.read_json(f"{s}/manifest.json") for s in ("ingest", "normalize")}
+    assert not rroot.exists("dedup/manifest.json")
+    resume["run"]["overrides"]["dedup.index"] = "index/resume"
+    run = _final(api, _ui_run(api, dep["id"], resume)[1]["id"], logs)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert {s: rroot.read_json(f"{s}/manifest.json") for s in ("ingest", "normalize")} == before  # not recomputed
+    assert rroot.read_json("dedup/manifest.json")["counts"]["documents_out"] > 0
+    logs_text = json.dumps(_api(api, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})[1])
+    assert "ingest: skipped (already complete)" in logs_text and "normalize: skipped (already complete)" in logs_text
 
     # refused by the server (409, from the deployment's parameter schema): no flow run is created
     n_runs = len(_api(api, "POST", "/flow_runs/filter", {})[1])
@@ -333,6 +353,34 @@ def _task_runs_of(flow_run_id) -> list:
         async with get_client() as client:
             return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return asyncio.run(read())
+
+
+def test_transient_errors_are_network_and_object_store_hiccups_only():
+    import errno
+
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from flows.params import is_transient
+    from stages.core.config import ConfigError
+    from stages.core.runner import StageError
+
+    def wrapped(inner):
+        try:
+            try:
+                raise inner
+            except Exception as e:
+                raise RuntimeError("datatrove task failed") from e
+        except RuntimeError as outer:
+            return outer
+
+    yes = [EndpointConnectionError(endpoint_url="http://minio:9000"), ReadTimeoutError(endpoint_url="x"),
+           ClientError({"Error": {"Code": "SlowDown"}}, "PutObject"), ConnectionResetError(),
+           OSError(errno.EBUSY, "SlowDown (s3fs)"), TimeoutError(), wrapped(ConnectionRefusedError())]
+    no = [ClientError({"Error": {"Code": "AccessDenied"}}, "PutObject"), FileNotFoundError(2, "gone"),
+          PermissionError(13, "no"), OSError(errno.ENOSPC, "disk full"), StageError("0 documents"),
+          ConfigError("bad key"), ValueError("bug"), wrapped(KeyError("bug"))]
+    assert [is_transient(e) for e in yes] == [True] * len(yes)
+    assert [is_transient(e) for e in no] == [False] * len(no)
 
 
 def test_stage_task_retries_unreachable_storage_but_not_bad_data(prefect_api, tmp_path, monkeypatch):

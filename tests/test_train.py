@@ -443,7 +443,7 @@ def test_progress_lines_without_a_terminal(upstream, two_rank):
 
 
 def test_compiled_fsdp_run_saves_plain_keys(upstream, two_rank):
-    """train.compile (torch.compile per block, in place) under FSDP2 on 2 ranks: the same losses as the eager DDP
+    """train.compile (torch.compile of the whole model, in place) under FSDP2 on 2 ranks: the same losses as the eager DDP
     run at the first steps, and the saved keys are a plain GPT's (no _orig_mod.): the final model loads strictly
     into a plain GPT."""
     from stages.train.checkpoint import load_model

@@ -57,7 +57,7 @@ class Config(Strict):
     # ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard per block + root on a 1-D mesh (weights, gradients and
     # AdamW state sharded over ranks; the same losses as ddp, tests/test_train.py)
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    compile: bool = False  # torch.compile per transformer block (needs a C++ compiler on CPU); see parallel.py
+    compile: bool = False  # torch.compile the whole model (needs a C++ compiler on CPU); see parallel.compile_model
     # multi-node: every node gets the same config but its own node_rank; node 0 runs the stage, the others call
     # join_node(); torchrun's c10d rendezvous at rdzv_endpoint (node 0's host:port) joins them. node_rank,
     # rdzv_endpoint and rdzv_id say where a job runs, not what it computes: left out of the stage fingerprint.

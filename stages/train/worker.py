@@ -93,7 +93,7 @@ def train(spec: dict) -> None:
     if t.get("activation_checkpointing"):
         parallel.checkpoint_activations(model)
     if t.get("compile"):
-        parallel.compile_blocks(model)
+        parallel.compile_model(model)
     dmodel = parallel.parallelize(model, d, t.get("strategy", "ddp"), device)
     opt = build_optimizer(model, t)
     out = Storage(spec["out_uri"])

@@ -4,7 +4,8 @@ script with its folder on sys.path, and a module named flows.py would shadow the
 
 - ``kiln-run``: the whole DAG (deployment ``pipeline``, triggered from the UI), optionally a stage subset;
 - ``kiln-data``: ingest -> shard, a dataset version; ``kiln-train``: train -> evaluate on an existing run's shards;
-- ``kiln-nightly-refresh``: ingest the snapshot ``source`` under run id ``nightly-<version>``, dedup it against the
+- ``kiln-nightly-refresh``: ingest the files of ``source`` no earlier version ingested (the newest snapshot's) under
+  run id ``nightly-<version>``, dedup them against the
   persistent cross-snapshot index (dedup.index; this snapshot's name in it is the version), filter, shard; old
   versions stay in their own run folders; ``<storage>/nightly/versions.json`` lists them (newest last).
 
@@ -30,9 +31,9 @@ from flows.params import (DATA_STAGES, RETRIES, RETRY_DELAYS, TRAIN_STAGES, Data
 from flows.pipeline import stage_task
 from stages import STAGES
 from stages.core import summary
-from stages.core.config import ConfigError
+from stages.core.config import ConfigError, resolve_path
 from stages.core.runner import RunLocked, run_lock
-from stages.core.storage import Storage
+from stages.core.storage import Storage, expand_inputs
 
 kiln_stage = stage_task.with_options(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2,
                                      retry_condition_fn=retry_transient)
@@ -92,15 +93,21 @@ def kiln_train(run: RunParams = RunParams(), stages: list[TrainStage] | None = N
     return run_chain(run, stages or TRAIN_STAGES)
 
 
-def publish_version(storage: str, version: str, result: dict) -> dict:
+def published(storage: str) -> list[dict]:
+    """The dataset versions in ``<storage>/nightly/versions.json``, oldest first."""
+    book = Storage(storage).sub("nightly")
+    return book.read_json("versions.json")["versions"] if book.exists("versions.json") else []
+
+
+def publish_version(storage: str, version: str, result: dict, files: list[str]) -> dict:
     """Append this version to ``<storage>/nightly/versions.json`` (one atomic write; earlier versions kept)."""
     book = Storage(storage).sub("nightly")
-    versions = book.read_json("versions.json") if book.exists("versions.json") else {"versions": []}
+    versions = {"versions": published(storage)}
     rows = {r["stage"]: r for r in result["stages"]}
     entry = {"version": version, "run_id": result["run_id"],
              "shards": f"{Storage(storage).sub(result['run_id']).url()}/shard",
              "documents": (rows.get("shard") or {}).get("documents_out"),
-             "dedup": (rows.get("dedup") or {}).get("documents_out"),
+             "dedup": (rows.get("dedup") or {}).get("documents_out"), "files": files,
              "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     versions["versions"] = [v for v in versions["versions"] if v["version"] != version] + [entry]
     book.write_json("versions.json", versions)
@@ -112,7 +119,18 @@ def nightly_refresh(run: NightlyParams = NightlyParams()) -> dict:
     """One snapshot in, one dataset version out (dedup against every earlier snapshot in the index)."""
     version = run.version or datetime.now(timezone.utc).strftime("%Y%m%d")
     p = run.model_copy(update={"run_id": run.run_id or f"nightly-{version}"})
-    extra = {"ingest.inputs": run.source, "dedup.snapshot": version}
+    try:
+        cfg, uri, _ = p.load()
+    except ConfigError as e:
+        return Failed(message=f"config error: {e}")
+    files = expand_inputs([resolve_path(cfg, s) for s in run.source])
+    seen = {f for v in published(uri) if v["version"] != version for f in v.get("files", [])}
+    new = [f for f in files if f not in seen] if run.only_new else files
+    if not new:
+        get_run_logger().info("version %s: the %d source files were all ingested by earlier versions; nothing "
+                              "to do", version, len(files))
+        return {"version": None, "new_files": 0, "source_files": len(files), "storage": uri}
+    extra = {"ingest.inputs": new, "dedup.snapshot": version}
     result = run_chain(p, DATA_STAGES + (TRAIN_STAGES if run.continue_training else []), extra,
                        stop_if_empty=("dedup",))
     if not isinstance(result, dict):
@@ -122,6 +140,6 @@ def nightly_refresh(run: NightlyParams = NightlyParams()) -> dict:
         get_run_logger().info("version %s: no new documents (all %s were duplicates of earlier snapshots); "
                               "nothing published", version, dedup.get("documents_in"))
         return {**result, "version": None}
-    entry = publish_version(result["storage"], version, result)
+    entry = publish_version(result["storage"], version, result, new)
     get_run_logger().info("published dataset version %s: %s", version, entry)
     return {**result, "version": entry}

@@ -76,6 +76,8 @@ class NightlyParams(RunParams):
                               description="the snapshot's files: paths, globs or URLs (relative: to configs/)")
     version: Optional[str] = Field(None, pattern=RUN_ID, description="dataset version name; empty: the UTC date "
                                                                      "(YYYYMMDD) of the run")
+    only_new: bool = Field(True, description="ingest only the source files no earlier version ingested (none new: "
+                                             "the run completes and publishes nothing)")
     continue_training: bool = Field(False, description="then train -> evaluate on the new version")
 
 

@@ -484,7 +484,8 @@ def test_nightly_refresh_second_snapshot_adds_only_new_documents(prefect_api, tm
     storage = str(tmp_path / "art")
     other = str(CRAWL / "docs.djangoproject.com-0001.warc.gz")
     v1 = nightly_refresh(NightlyParams(storage=storage, source=[ONE_FILE], version="v1"))
-    v2 = nightly_refresh(NightlyParams(storage=storage, source=[ONE_FILE, other], version="v2"))
+    # only_new=False: v1's file goes through dedup again, which must drop all of it (cross-snapshot index)
+    v2 = nightly_refresh(NightlyParams(storage=storage, source=[ONE_FILE, other], version="v2", only_new=False))
     assert (v1["run_id"], v2["run_id"]) == ("nightly-v1", "nightly-v2")
     root = Storage(storage)
     d1 = root.read_json("nightly-v1/dedup/manifest.json")["counts"]
@@ -499,4 +500,10 @@ def test_nightly_refresh_second_snapshot_adds_only_new_documents(prefect_api, tm
     assert hosts == {"docs.djangoproject.com"}  # nothing of the v1 snapshot (docs.python.org) is published again
     book = root.read_json("nightly/versions.json")["versions"]
     assert [v["version"] for v in book] == ["v1", "v2"] and v2["version"]["documents"] > 0
+    assert [v["files"] for v in book] == [[ONE_FILE], [other, ONE_FILE]]
     assert root.exists("nightly-v1/shard/manifest.json") and root.exists("nightly-v2/shard/manifest.json")
+    # the next night, no new file in the source: completed, nothing ingested or published
+    v3 = nightly_refresh(NightlyParams(storage=storage, version="v3",
+                                       source=[str(CRAWL / "docs.djangoproject.com-000[1].warc.gz"), ONE_FILE]))
+    assert v3["version"] is None and v3["new_files"] == 0 and v3["source_files"] == 2
+    assert not root.exists("nightly-v3") and len(root.read_json("nightly/versions.json")["versions"]) == 2

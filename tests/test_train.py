@@ -286,6 +286,10 @@ def test_sigkill_then_resume_gives_the_same_losses(upstream, two_rank):
     m = run_stage("train", cfg, storage, "killed")
     assert f"[train] resumed at step {newest}" in out.read_bytes("logs/torchrun.log").decode()  # not restarted
     assert _losses(storage, "killed") == _losses(storage, "run1")  # bit for bit, every step
+    # TensorBoard: the resumed attempt rewrote the restored rows into its own event file, the killed one's is gone
+    assert len(out.list("tensorboard")) == 1
+    _events_match(_scalars(Path(storage) / "killed" / "train" / "tensorboard")["train/loss"],
+                  _rows(storage, "killed"), "loss")
     assert m["counts"] == ref["counts"]
     final = torch.load(io.BytesIO(out.read_bytes("final/model.pt")), weights_only=True)
     ref_final = torch.load(io.BytesIO(Storage(storage).sub("run1", "train").read_bytes("final/model.pt")),
@@ -306,6 +310,7 @@ def test_checkpoint_round_trip_through_s3(upstream, s3_bucket):
     out = s3.sub("s3run", "train")
     first = out.read_bytes("metrics.jsonl")
     assert out.list("checkpoints/step_000010/state")  # DCP files in the bucket
+    assert [p.split("/")[0] for p in out.list("tensorboard")] == ["tensorboard"]  # event files too
     for rel in ("manifest.json", "final", "checkpoints/step_000020", "metrics.jsonl"):
         out.rm(rel)
     run_stage("train", cfg, s3_bucket, "s3run")
@@ -372,13 +377,14 @@ def test_fsdp_resume_from_sharded_state(upstream, fsdp_two):
     storage, _ = upstream
     _clone(storage, "fsdp2", "fsdp_resume", ("tokenizer", "shard", "train"))
     out = Storage(storage).sub("fsdp_resume", "train")
-    for rel in ("manifest.json", "final", "checkpoints/step_000020", "checkpoints/step_000030", "metrics.jsonl",
-                "tensorboard"):
-        out.rm(rel)
+    for rel in ("manifest.json", "final", "checkpoints/step_000020", "checkpoints/step_000030", "metrics.jsonl"):
+        out.rm(rel)  # (the old event file, steps 1-30, stays: events past the resume point must not survive)
     run_stage("train", load_tiny(None, {**SMALL, "train.nproc": 2, "train.strategy": "fsdp"}), storage, "fsdp_resume")
     assert "[train] resumed at step 10" in out.read_bytes("logs/torchrun.log").decode()
     traj = lambda rows: [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in rows]  # noqa: E731
     assert traj(_rows(storage, "fsdp_resume")) == traj(_rows(storage, "fsdp2"))
+    _events_match(_scalars(Path(storage) / "fsdp_resume" / "train" / "tensorboard")["train/grad_norm"],
+                  _rows(storage, "fsdp2"), "grad_norm")
     a = torch.load(io.BytesIO(out.read_bytes("final/model.pt")), weights_only=True)
     b = torch.load(io.BytesIO(Storage(storage).sub("fsdp2", "train").read_bytes("final/model.pt")), weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in b)
@@ -392,6 +398,11 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def _events_match(events: list[tuple[int, float]], rows: list[dict], key: str) -> None:
+    assert [s for s, _ in events] == [r["step"] for r in rows], key  # every step once, in order
+    np.testing.assert_allclose([v for _, v in events], [r[key] for r in rows], rtol=1e-6, err_msg=key)
+
+
 def test_tensorboard_events_equal_metrics_rows(upstream, two_rank):
     """The event files in tensorboard/ (read back with TensorBoard's own EventAccumulator) hold every
     metrics.jsonl row: loss, lr, grad norm, tokens/s, GFLOP/s, MFU and max RSS at the same steps."""
@@ -403,8 +414,7 @@ def test_tensorboard_events_equal_metrics_rows(upstream, two_rank):
     got = _scalars(Path(storage) / "run1" / "train" / "tensorboard")
     assert set(got) == set(Board.TAGS.values())
     for key, tag in Board.TAGS.items():
-        assert [s for s, _ in got[tag]] == [r["step"] for r in rows], tag
-        np.testing.assert_allclose([v for _, v in got[tag]], [r[key] for r in rows], rtol=1e-6, err_msg=tag)
+        _events_match(got[tag], rows, key)
 
 
 def test_progress_lines_without_a_terminal(upstream, two_rank):
@@ -515,5 +525,9 @@ def test_two_nodes_equal_one_two_rank_node(upstream, two_rank):
     # where the job ran is not part of the result: node 0's config on another endpoint finds the stage complete
     moved = {**base, "train.rdzv_endpoint": "10.0.0.1:29400"}
     assert run_stage("train", load_tiny(None, moved), storage, "nodes").get("skipped")
+    from stages.train import join_node
+
+    again = join_node(load_tiny(None, {**moved, "train.node_rank": 1}), storage, "nodes")  # nothing to join
+    assert again["final_loss"] == m["metrics"]["final_loss"] and again["steps"] == 30
     with pytest.raises(StageError, match="join_node"):  # node 1 is never a stage run
         run_stage("train", load_tiny(None, {**base, "train.node_rank": 1}), storage, "nodes", force=True)

@@ -56,7 +56,7 @@ class Config(Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     # ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard per block + root on a 1-D mesh (weights, gradients and
     # AdamW state sharded over ranks; the same losses as ddp, tests/test_train.py)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # part of the resume fingerprint: another strategy starts over
     compile: bool = False  # torch.compile the whole model (needs a C++ compiler on CPU); see parallel.compile_model
     # multi-node: every node gets the same config but its own node_rank; node 0 runs the stage, the others call
     # join_node(); torchrun's c10d rendezvous at rdzv_endpoint (node 0's host:port) joins them. node_rank,
@@ -320,20 +320,26 @@ def join_node(cfg, storage: str, run_id: str) -> dict:
     this (no run lock, no manifest, nothing written by this process). Storage must be shared (S3 or a shared file
     system): every rank reads the shards and uploads its own training-state shard. All ranks take node 0's
     decisions (resume step, fingerprints, peak FLOP/s) at start; global rank 0 (wherever the c10d rendezvous put it)
-    writes the model, metrics, event files and DCP metadata. Inputs are read from their manifests, as a stage."""
+    writes the model, metrics, event files and DCP metadata. Inputs are read from their manifests, as a stage; a
+    run already complete with this config (node 0 skips it) returns its manifest's summary without training."""
     import shutil
     import tempfile
 
-    from stages.core.runner import load_inputs
+    from stages.core.runner import load_inputs, read_manifest, stage_fingerprint
     from stages.core.storage import Storage
 
     t = cfg.train
     if t.node_rank == 0:
         raise StageError("train: node 0 runs the stage itself (kiln stage train); join_node is for node_rank > 0")
     root = (storage if isinstance(storage, Storage) else Storage(storage)).sub(run_id)
+    inputs = load_inputs(root, "train")
+    done = read_manifest(root, "train")
+    if done and done.get("fingerprint") == stage_fingerprint(cfg, "train", inputs):  # node 0 will skip: so do we
+        log.info("train: already complete in %s, node %d has nothing to join", root.url("train"), t.node_rank)
+        return {**done["metrics"], **done["counts"]}
     workdir = tempfile.mkdtemp(prefix=f"kiln-train-node{t.node_rank}-")
     try:
-        ctx = StageContext("train", run_id, cfg, root, root.sub("train"), load_inputs(root, "train"), workdir)
+        ctx = StageContext("train", run_id, cfg, root, root.sub("train"), inputs, workdir)
         tok, shards = _check_inputs(t, ctx)
         spec = _spec(t, ctx, tok, shards)
         spec["fingerprints"], spec["resume_step"] = _fingerprints(t, ctx, spec), None  # node 0's are used

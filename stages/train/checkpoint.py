@@ -1,5 +1,11 @@
 """Model checkpoints in storage: ``<dir>/model.pt`` (a plain state_dict, loadable with
-``torch.load(weights_only=True)``) and ``<dir>/model_config.json`` (GPTConfig + training position)."""
+``torch.load(weights_only=True)``) and ``<dir>/model_config.json`` (GPTConfig + training position).
+
+Under FSDP2 the same files: the worker gathers the shards first (``parallel.full_state_dict``), so model.pt and
+model.safetensors have the keys, dtypes and tied-head layout of a DDP run (tests/test_train.py compares them).
+The training state (``save_state``/``load_state``) is DCP either way: ``get_state_dict`` gives DTensor shards
+under FSDP2 (each rank's ``__<rank>_0.distcp`` then holds its own shards of weights and AdamW moments) and
+full tensors under DDP."""
 
 from __future__ import annotations
 

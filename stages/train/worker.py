@@ -112,7 +112,7 @@ def train(spec: dict) -> None:
         if show:
             print(f"[train] resumed at step {start}", flush=True)
     meta = {**decided["fingerprints"]}
-    board = Board(spec, out) if d.is_main else None
+    board = Board(spec, out, metrics) if d.is_main else None
     bar = Progress(t["steps"], start, t.get("progress_every_s", 10.0)) if show else None
     t_start, t_last, tok_since, loss_since, steps_since = time.time(), time.time(), 0, 0.0, 0
     for step in range(start, t["steps"]):
@@ -200,17 +200,23 @@ def train(spec: dict) -> None:
 class Board:
     """TensorBoard event files (``torch.utils.tensorboard.SummaryWriter``), written by rank 0 to a local folder
     and copied to ``tensorboard/`` in the output storage at every checkpoint and at the end, so they work with
-    S3 too. One event file per attempt: a resumed run adds its own file (steps after the resume point)."""
+    S3 too. A resumed run starts a new event file with the restored rows (those of the state it resumed from) and
+    removes the earlier attempts' files: the stored events are always exactly ``metrics.jsonl``'s rows, even when
+    the killed attempt had logged past its last complete state or died before uploading its events."""
 
     TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "tokens_per_s": "perf/tokens_per_s", "gflops_per_s": "perf/gflops_per_s", "mfu": "perf/mfu",
             "max_rss_mb": "memory/max_rss_mb"}
 
-    def __init__(self, spec: dict, out: Storage):
+    def __init__(self, spec: dict, out: Storage, history: list[dict] = ()):
         from torch.utils.tensorboard import SummaryWriter
 
         self.local, self.out = spec["tensorboard_dir"], out
         self.writer = SummaryWriter(self.local)
+        if history:
+            out.rm("tensorboard")
+            for row in history:
+                self.add(row)
 
     def add(self, row: dict) -> None:
         for key, tag in self.TAGS.items():

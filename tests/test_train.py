@@ -453,9 +453,9 @@ def test_progress_lines_without_a_terminal(upstream, two_rank):
 
 
 def test_compiled_fsdp_run_saves_plain_keys(upstream, two_rank):
-    """train.compile (torch.compile of the whole model, in place) under FSDP2 on 2 ranks: the same losses as the eager DDP
-    run at the first steps, and the saved keys are a plain GPT's (no _orig_mod.): the final model loads strictly
-    into a plain GPT."""
+    """train.compile (torch.compile of the whole model, in place) under FSDP2 on 2 ranks: the same losses as the
+    eager DDP run at the first steps, and the saved keys are a plain GPT's (no _orig_mod.): the final model loads
+    strictly into a plain GPT."""
     from stages.train.checkpoint import load_model
     from stages.train.model import GPT, GPTConfig
 
@@ -503,7 +503,8 @@ def test_two_nodes_equal_one_two_rank_node(upstream, two_rank):
             "print('SUMMARY', json.dumps(join_node(load_config(sys.argv[1], json.loads(sys.argv[2])), sys.argv[3], "
             "sys.argv[4])))")
     node1 = [sys.executable, "-c", join, str(TINY), json.dumps({**base, "train.node_rank": 1}), storage, "nodes"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in (node0, node1)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in (node0, node1)]
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]
     finally:

@@ -193,7 +193,8 @@ def test_interrupt_stops_torchrun_and_ranks(upstream, monkeypatch):
 
 
 def test_model_and_schedule_options_through_torchrun(upstream):
-    """QK-norm, an untied head, the WSD schedule and activation checkpointing in a real 2-rank run; the final
+    """QK-norm, an untied head, the WSD schedule and activation checkpointing in a real 2-rank run, under FSDP2
+    (the untied head is a root parameter of its own, the blocks are checkpoint-wrapped FSDP units); the final
     model reloads (weights_only) with its options and the learning rate followed WSD."""
     import json
 
@@ -204,7 +205,7 @@ def test_model_and_schedule_options_through_torchrun(upstream):
     over = {**SMALL, "train.nproc": 2, "train.steps": 12, "train.checkpoint_every": 4, "train.keep_checkpoints": 1,
             "train.model.qk_norm": True,
             "train.model.tie_embeddings": False, "train.schedule": "wsd", "train.decay_fraction": 0.25,
-            "train.activation_checkpointing": True}
+            "train.activation_checkpointing": True, "train.strategy": "fsdp"}
     m = run_stage("train", load_tiny(None, over), storage, "opts")
     model, _ = load_model(Storage(storage).sub("opts", "train"), "final")
     assert model.cfg.qk_norm and not model.cfg.tie_embeddings and model.head.weight is not model.embed.weight

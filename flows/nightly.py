@@ -18,7 +18,6 @@ transient storage errors with exponential backoff (params.retry_transient), neve
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -28,7 +27,7 @@ from prefect.states import Failed
 
 from flows.params import (DATA_STAGES, RETRIES, RETRY_DELAYS, TRAIN_STAGES, DataStage, NightlyParams, RunParams,
                           StageName, TrainStage, retry_transient)
-from flows.pipeline import stage_task
+from flows.pipeline import artifact_key, stage_task, write_and_publish_report
 from stages import STAGES
 from stages.core import summary
 from stages.core.config import ConfigError, resolve_path
@@ -49,7 +48,7 @@ def run_chain(p: RunParams, stages: list[str], extra: dict | None = None, stop_i
         return Failed(message=f"config error: {e}")
     overrides = {**p.overrides, **(extra or {})}
     ran = {}
-    try:  # the run id is this flow run's until the chain ends (its stage tasks re-enter the lock)
+    try:  # the run id is this flow run's until its report is written (its stage tasks re-enter the lock)
         with run_lock(uri, rid, purpose=f"flow run {flow_run.name or flow_run.id}"):
             for stage in [s for s in STAGES if s in stages]:
                 state = kiln_stage.with_options(name=stage)(stage, p.config_path(), overrides, uri, rid, p.force,
@@ -59,19 +58,19 @@ def run_chain(p: RunParams, stages: list[str], extra: dict | None = None, stop_i
                 ran[stage] = state.result()
                 if stage in stop_if_empty and ran[stage]["counts"].get("documents_out") == 0:
                     break
+            result = summary.collect(uri, rid)
+            for row in result["stages"]:
+                row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)
+            last = list(ran)[-1] if ran else None
+            result.update(storage=uri, run_id=rid, ran=list(ran),
+                          stopped_after=last if last in stop_if_empty and ran[last]["counts"].get("documents_out") == 0
+                          else None)
+            create_markdown_artifact(key=artifact_key("summary", rid), markdown="```\n" + summary.render(result)
+                                     + "\n```", description=f"Kiln run {rid}: {', '.join(ran)}")
+            result["report"] = write_and_publish_report(uri, rid)["files"]["report.md"]  # + report artifacts
     except RunLocked as e:
         get_run_logger().error("%s", e)
         return Failed(message=str(e))
-    result = summary.collect(uri, rid)
-    for row in result["stages"]:
-        row["skipped"] = ran.get(row["stage"], {}).get("skipped", False)
-    last = list(ran)[-1] if ran else None
-    result.update(storage=uri, run_id=rid, ran=list(ran),
-                  stopped_after=last if last in stop_if_empty and ran[last]["counts"].get("documents_out") == 0
-                  else None)
-    create_markdown_artifact(key=re.sub(r"[^a-z0-9-]+", "-", f"kiln-summary-{rid}".lower())[:100],
-                             markdown="```\n" + summary.render(result) + "\n```",
-                             description=f"Kiln run {rid}: {', '.join(ran)}")
     return result
 
 

@@ -154,6 +154,8 @@ def test_ui_run_of_pipeline_deployment_completes_resumes_and_refuses_bad_paramet
     assert not root.exists("filter")
     arts = _api(api, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [fr["id"]]}}})[1]
     assert any(a["key"] == "kiln-summary-ui" and "dedup" in a["data"] for a in arts)
+    assert {"kiln-report-ui", "kiln-funnel-ui"} <= {a["key"] for a in arts}  # the run report (flows/pipeline.py)
+    assert root.exists("report/report.md")
 
     # resume at the failed stage: dedup with another MinHash seed than the index's fails (StageError, after ingest
     # and normalize completed); the re-run with a fresh index of its own (against the first index, every page is a

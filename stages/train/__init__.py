@@ -65,7 +65,8 @@ class Config(Strict):
     node_rank: int = Field(0, ge=0, exclude=True)
     rdzv_endpoint: str = Field("127.0.0.1:29400", exclude=True)
     rdzv_id: str = Field("kiln-train", exclude=True)
-    progress_every_s: float = Field(10.0, ge=0)  # progress line period when stdout is not a terminal; 0 = none
+    # progress line period when stdout is not a terminal (0 = none); display only: not in the stage fingerprint
+    progress_every_s: float = Field(10.0, ge=0, exclude=True)
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / nproc
     dtype: Literal["fp32", "bf16"] = "bf16"  # bf16 = autocast for matmuls, fp32 weights and optimizer
     steps: int = Field(200, ge=1)
@@ -130,7 +131,7 @@ def _spec(cfg: Config, ctx: StageContext, tok: dict, shards: list[str]) -> dict:
         train["peak_measured"] = True
     return {
         "model": {**cfg.model.model_dump(), "vocab_size": tok["vocab_size"]},
-        "train": {**train, "threads": threads},
+        "train": {**train, "threads": threads, "progress_every_s": cfg.progress_every_s},
         "seed": ctx.cfg.run.seed,
         "shards_uri": ctx.input("shard").url(),
         "train_shards": shards,

@@ -41,7 +41,7 @@ SPLITS = ("train", "validation")
 class Config(Strict):
     val_fraction: float = Field(0.05, ge=0, lt=1)  # of original documents (by hash of the base id)
     parquet_rows_per_group: int = Field(1024, ge=1)  # rows per Parquet row group (a streaming unit)
-    encode_batch_kb: int = Field(1000, ge=1)  # KB of text per sentencepiece call (one per encode thread at a time)
+    encode_batch_kb: int = Field(1000, ge=1)  # KB of text per sentencepiece call (two calls in flight at a time)
     encode_threads: int | None = Field(None, ge=1)  # per task; null: the cores / the tasks running at once
     # smaller inputs (MB of reweight's compressed data/) are one task in this process, encoding with every core:
     # a worker pool costs ~1-2 s to start, as much as encoding the 15 MB demo corpus

@@ -102,7 +102,8 @@ def run() -> dict:
     tok_m = run_stage("tokenizer", cfg, store, run_id, force=True)
     stats = Storage(store).sub(run_id, "tokenizer").read_json("stats.json")
     rw = Storage(store).sub(run_id, "reweight")
-    lines = [line for rel in rw.list("data", suffix=".jsonl.gz") for line in gzip.decompress(rw.read_bytes(rel)).splitlines()]
+    lines = [line for rel in rw.list("data", suffix=".jsonl.gz")
+             for line in gzip.decompress(rw.read_bytes(rel)).splitlines()]
     texts = [json.loads(line)["text"] for line in lines]
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     sp = spm.SentencePieceProcessor(model_proto=Storage(store).sub(run_id, "tokenizer").read_bytes("tokenizer.model"))

@@ -207,12 +207,14 @@ def test_curriculum_phases_and_sampler_order(tmp_path):
     st = Storage(root).sub("c", "shard")
     index = st.read_json("index.json")
     phases = [e["phase"] for e in index["train"]]
-    assert [e["path"] for e in index["train"]] == [f"tokens/train/p{p:02d}/{r:05d}.bin" for p in range(4) for r in (0, 1)]
+    want = [f"tokens/train/p{p:02d}/{r:05d}.bin" for p in range(4) for r in (0, 1)]
+    assert [e["path"] for e in index["train"]] == want
     assert phases == sorted(phases) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert all("phase" not in e and e["path"].count("/") == 2 for e in index["validation"])
     # every train document sits in the phase of its score, its Parquet row beside its tokens
     for e in index["train"]:
-        table = pq.read_table(io.BytesIO(st.read_bytes(e["path"].replace("tokens", "parquet").replace(".bin", ".parquet"))))
+        rel = e["path"].replace("tokens", "parquet").replace(".bin", ".parquet")
+        table = pq.read_table(io.BytesIO(st.read_bytes(rel)))
         assert table.num_rows == e["n_docs"] == Shard(st, e["path"]).header["n_docs"]
         lo, hi = ([-1.0, *edges, 2.0][e["phase"]], [-1.0, *edges, 2.0][e["phase"] + 1])
         for i in table.column("id").to_pylist():
@@ -225,7 +227,8 @@ def test_curriculum_phases_and_sampler_order(tmp_path):
     shards = open_shards(st, [e["path"] for e in index["train"]])
     ds = WindowDataset(shards, 33)
     assert len(ds.phases) == 4 and sum(ds.phases) == len(ds) and min(ds.phases) > 8
-    sampler, again = BatchSampler(len(ds), 8, seed=3, phases=ds.phases), BatchSampler(len(ds), 8, seed=3, phases=ds.phases)
+    sampler = BatchSampler(len(ds), 8, seed=3, phases=ds.phases)
+    again = BatchSampler(len(ds), 8, seed=3, phases=ds.phases)
     steps = sampler.per_epoch
     seen = np.concatenate([sampler.global_batch(s) for s in range(steps)])
     assert np.array_equal(again.global_batch(steps - 1), sampler.global_batch(steps - 1))  # a pure function of the step

@@ -1,11 +1,15 @@
 """`kiln`: run one stage locally, or the whole DAG as a Prefect flow.
 
     kiln stage NAME --config configs/tiny.yaml [--run-id ID] [--storage URI] [--set key=value ...]
+    kiln stage evaluate --checkpoint step_000100|PATH|s3://...                (evaluate any checkpoint)
+    kiln stage train --set train.node_rank=1 ...      (node > 0 of a multi-node run joins node 0's rendezvous)
     kiln run --config configs/tiny.yaml [--run-id ID] [--storage URI] [--stages a,b] [--set key=value ...]
     kiln summary --config configs/tiny.yaml [--run-id ID] [--storage URI]
     kiln report --config configs/tiny.yaml [--run-id ID] [--storage URI]     (writes <run>/report/)
     kiln report --compare RUN_A RUN_B [--storage URI] [--all]                (what changed between two runs)
     kiln plan [--compute FLOPS | --params N] --config configs/tiny.yaml [--run-id ID] [--storage URI]
+    kiln serve [--cron CRON] [--timezone TZ] [--no-nightly]    (serve the deployments against $PREFECT_API_URL)
+    kiln deploy [--pool kiln] [--name NAME]                    (register prefect.yaml's deployments on a work pool)
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", choices=STAGES)
     common(s)
     s.add_argument("--force", action="store_true", help="re-run even if an identical run is complete")
+    s.add_argument("--checkpoint", default=None,
+                   help="evaluate only: train folder (final, step_000100) or a checkpoint folder path / s3:// URI")
     r = sub.add_parser("run", help="run the whole DAG as a Prefect flow")
     common(r)
     r.add_argument("--stages", default=None, help="comma-separated subset of stages")
@@ -65,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     g = pl.add_mutually_exclusive_group()
     g.add_argument("--compute", type=float, default=None, help="training budget in FLOPs, e.g. 1e18")
     g.add_argument("--params", type=float, default=None, help="model parameters, e.g. 124e6")
+    sv = sub.add_parser("serve", help="serve the deployments against a Prefect server ($PREFECT_API_URL)")
+    sv.add_argument("--cron", default=None, help="nightly-refresh cron (default $KILN_NIGHTLY_CRON or '0 2 * * *')")
+    sv.add_argument("--timezone", default=None, help="its timezone, e.g. Europe/Paris (default $KILN_NIGHTLY_TZ or UTC)")
+    sv.add_argument("--no-nightly", action="store_true", help="do not register nightly-refresh")
+    sv.add_argument("--limit", type=int, default=None, help="flow runs at once (default: no limit)")
+    dp = sub.add_parser("deploy", help="register prefect.yaml's deployments on a process work pool")
+    dp.add_argument("--pool", default="kiln", help="work pool (created when missing; default: kiln)")
+    dp.add_argument("--name", action="append", default=None, help="only this deployment (repeatable)")
     return p
 
 
@@ -74,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     logging.getLogger("kiln").setLevel(logging.INFO)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.cmd == "serve":  # no profile needed: each flow run loads its own
+        from flows.deploy import serve
+
+        serve(args.cron, args.timezone, not args.no_nightly, args.limit)
+        return 0
+    if args.cmd == "deploy":
+        from flows.deploy import deploy
+
+        return deploy(args.pool, args.name)
 
     from stages.core import summary
     from stages.core.config import ConfigError, default_run_id, load_config, storage_uri
@@ -83,7 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _overrides(args.set)
         cfg = load_config(args.config, overrides)
         uri, rid = storage_uri(cfg, args.storage), args.run_id or default_run_id(cfg)
-        if args.cmd == "stage":
+        if args.cmd == "stage" and args.checkpoint:
+            if args.name != "evaluate":
+                raise ConfigError("--checkpoint is for `kiln stage evaluate`")
+            overrides["evaluate.checkpoint"] = args.checkpoint
+            cfg = load_config(args.config, overrides)
+        if args.cmd == "stage" and args.name == "train" and cfg.train.nnodes > 1 and cfg.train.node_rank > 0:
+            from stages.train import join_node  # nodes > 0 join node 0's torchrun rendezvous; node 0 runs the stage
+
+            s = join_node(cfg, uri, rid)
+            print(f"train: node {cfg.train.node_rank} done; run summary {s}")
+        elif args.cmd == "stage":
             m = run_stage(args.name, cfg, uri, rid, force=args.force)
             state = "already complete, skipped" if m.get("skipped") else f"done in {m['wall_time_s']:.1f}s"
             print(f"{args.name}: {state}; counts {m['counts']}; manifest {m['location']}/manifest.json")

@@ -14,13 +14,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from flows import DEFAULT_CONFIG
+from flows.params import RETRIES, RETRY_DELAYS, retry_transient
 from stages import STAGES
 from stages.core import report, summary
 from stages.core.config import ConfigError, default_run_id, load_config, storage_uri
-from stages.core.runner import StageError, run_stage
+from stages.core.runner import RunLocked, StageError, run_lock, run_stage
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2,
+      retry_condition_fn=retry_transient)  # storage / network hiccups only (flows/params.py), never bad data
 def stage_task(stage: str, config: str, overrides: dict, storage: str, run_id: str, force: bool):
     try:
         manifest = run_stage(stage, load_config(config, overrides), storage, run_id, force=force)
@@ -50,6 +52,15 @@ def pipeline(config: str = DEFAULT_CONFIG, storage: str | None = None, run_id: s
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+    try:
+        with run_lock(uri, rid, purpose="flow run"):  # one writer per run id: a second run is refused by name
+            return _chain(config, overrides, uri, rid, selected, force)
+    except RunLocked as e:
+        get_run_logger().error("%s", e)
+        return Failed(message=str(e))
+
+
+def _chain(config: str, overrides: dict, uri: str, rid: str, selected: list[str], force: bool):
     ran = {}
     for stage in selected:  # the DAG is a chain in this order: each stage waits for NEEDS[stage]
         state = stage_task.with_options(name=stage)(stage, config, overrides, uri, rid, force, return_state=True)

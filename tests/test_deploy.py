@@ -509,3 +509,11 @@ def test_nightly_refresh_second_snapshot_adds_only_new_documents(prefect_api, tm
                                        source=[str(CRAWL / "docs.djangoproject.com-000[1].warc.gz"), ONE_FILE]))
     assert v3["version"] is None and v3["new_files"] == 0 and v3["source_files"] == 2
     assert not root.exists("nightly-v3") and len(root.read_json("nightly/versions.json")["versions"]) == 2
+    # a snapshot made only of pages already in the index (only_new off: the file is ingested again): dedup removes
+    # every page, completes with a counted all-duplicates result, and the chain stops without publishing
+    v4 = nightly_refresh(NightlyParams(storage=storage, source=[ONE_FILE], version="v4", only_new=False))
+    assert v4["version"] is None and v4["stopped_after"] == "dedup"
+    d4 = root.read_json("nightly-v4/dedup/manifest.json")["counts"]
+    assert d4["documents_out"] == 0 and d4["all_duplicates"] and d4["documents_in"] > 0
+    assert sum(d4["removed"].values()) == d4["documents_in"]
+    assert len(root.read_json("nightly/versions.json")["versions"]) == 2

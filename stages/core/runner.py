@@ -272,7 +272,7 @@ def _run_stage(stage: str, cfg, base: Storage, run_id: str, force: bool) -> dict
     wall = time.time() - t0
 
     docs_out = result.counts.get("documents_out")
-    if docs_out is not None and docs_out <= 0:
+    if docs_out is not None and docs_out <= 0 and not result.counts.get("all_duplicates"):
         removed = {k: v for k, v in (result.counts.get("removed") or {}).items() if v}
         files = {k: v for k, v in (result.counts.get("files_skipped") or {}).items() if v}
         why = f"removed: {removed or 'none'}" + (f"; files skipped: {files}" if files else "")

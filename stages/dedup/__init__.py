@@ -120,4 +120,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                "cluster_memory": counts.get("memory"), "blocks": {"signature": sig, "cluster": cl, "filter": filt}}
     return data_result(ctx, filt, documents_in, removed, extra_outputs=(DUPLICATES,), metrics=metrics,
                        near=counts["near"], index=index_counts if index is not None else None,
-                       snapshot=snapshot)
+                       snapshot=snapshot,
+                       # a snapshot that is all duplicates (a nightly refresh with nothing new) is a result, not a failure
+                       all_duplicates=documents_in > 0 and sum(removed.values()) == documents_in)

@@ -4,7 +4,10 @@ QK-norm, embedding tied to the output head (optional). Pure model code: no distr
 Training loss: the output head and cross-entropy are fused and chunked (``LinearCrossEntropy``): the full
 (B·T, V) logits are never materialised in fp32, and their gradient is formed chunk by chunk in forward.
 Measured on this CPU (2 threads, bf16 autocast, B·T 2048, d 256, V 8192): head + loss forward and backward
-178 ms plain vs 103 ms fused in 256-row chunks (512: 111, 2048: 155); the matmuls alone are ~60 ms.
+178 ms plain vs 103 ms fused in 256-row chunks (512: 111, 2048: 155); the matmuls alone are ~60 ms. Same
+training: 200 steps of the tiny model on the demo shards give identical losses in fp32 (to 3 decimals at every
+20-step mean); in bf16 the two paths round differently and the trajectories part (last 20 steps: seed 1234
+plain 5.83 / fused 5.93, seed 99 plain 5.96 / fused 5.91), with step-0 gradients equally close to fp32's.
 
 Shapes: B batch, T sequence, C d_model, H heads, D head dim (C = H * D), V vocabulary.
 """

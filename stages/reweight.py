@@ -35,9 +35,9 @@ import os
 import re
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from stages.core.config import Strict
+from stages.core.config import Edges, Strict
 from stages.core.runner import StageContext, StageError, StageResult
 
 UNKNOWN = "(none)"  # bucket for documents without the domain key
@@ -48,20 +48,13 @@ _COPY = re.compile(r"#r\d+$")
 class Config(Strict):
     # metadata field that defines a domain, or a derived key: registered_domain | source | language | quality_bucket
     key: str = "domain"
-    quality_edges: list[float] = [0.2, 0.4, 0.6, 0.8]  # quality_bucket: cut points of metadata.quality_score
+    quality_edges: Edges = [0.2, 0.4, 0.6, 0.8]  # quality_bucket: cut points of metadata.quality_score
     weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)  # domain -> weight
     default_weight: float = Field(1.0, ge=0)  # weight of domains not listed in `weights`
     temperature: float = Field(1.0, gt=0)  # p_i ∝ w_i·n_i^(1/T): 1 = configured weights, >1 flattens
     max_epochs: float | None = Field(4.0, gt=0)  # no domain repeated more often than this (null: no cap)
     total_tokens: int | None = Field(None, ge=1)  # output size in estimated tokens (null: the input's)
     bytes_per_token: float = Field(4.0, gt=0)  # token estimate before the tokenizer exists
-
-    @field_validator("quality_edges")
-    @classmethod
-    def _sorted(cls, v: list[float]) -> list[float]:
-        if v != sorted(set(v)):
-            raise ValueError("must be strictly increasing")
-        return v
 
 
 def stable_unit(*parts) -> float:

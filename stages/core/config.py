@@ -10,11 +10,20 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
+
+
+def _strictly_increasing(v: list[float]) -> list[float]:
+    if v != sorted(set(v)):
+        raise ValueError("must be strictly increasing")
+    return v
+
+
+Edges = Annotated[list[float], AfterValidator(_strictly_increasing)]  # cut points, e.g. of a quality score
 
 class ConfigError(Exception):
     """A bad profile: the message is one line that names the file and the key."""

@@ -304,23 +304,6 @@ class _SplitFiles:
             self.parquet.close()
 
 
-def _run_here(steps: list) -> dict:
-    """One task of ``steps`` in this process: the blocks' generators chained as datatrove's executor chains them
-    per task, without its Manager process and per-task log files (35 ms a run, 3% of encoding the 12.5 MB bench
-    corpus). Returns the block stats as ``run_pipeline`` does."""
-    from collections import deque
-
-    from datatrove.utils.stats import PipelineStats
-
-    from stages.core.pipeline import stats_by_block
-
-    data = None
-    for step in steps:
-        data = step(data, 0, 1)
-    deque(data, maxlen=0)
-    return stats_by_block(PipelineStats(steps))
-
-
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from stages.core.pipeline import block_stats, run_pipeline
     from stages.core.tokens import TokenShard
@@ -329,7 +312,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         raise StageError(f"shard: the tokenizer manifest in {ctx.input('tokenizer').url()} lists no tokenizer.model")
     size = sum(o["bytes"] for o in ctx.inputs["reweight"]["outputs"] if o["path"].startswith("data/"))
     cores = len(os.sched_getaffinity(0))
-    tasks, workers = (1, 1) if size < cfg.inprocess_below_mb * 1e6 else (ctx.cfg.run.tasks, ctx.cfg.run.workers)
+    small = size < cfg.inprocess_below_mb * 1e6
+    tasks, workers = (1, 1) if small else (ctx.cfg.run.tasks, ctx.cfg.run.workers)
     threads = cfg.encode_threads or max(1, cores // min(workers, tasks))
     # reweight's data/ files, as stages.core.pipeline.upstream_reader lists them, read by the bytes reader
     paths_file = os.path.join(ctx.workdir, "reweight-inputs.txt")
@@ -340,8 +324,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg.model_copy(update={"encode_threads": threads}),
                  ctx.cfg.reweight),
     ]
-    stats = _run_here(steps) if size < cfg.inprocess_below_mb * 1e6 else \
-        run_pipeline(ctx, steps, name="shard", tasks=tasks, workers=workers)
+    stats = run_pipeline(ctx, steps, name="shard", tasks=tasks, workers=workers,
+                         in_process=small)
     tok = block_stats(stats, "token shards")
     n = {k.replace("validation", "val"): int(tok.get(k, 0))
          for k in ("docs_train", "docs_validation", "tokens_train", "tokens_validation", "empty")}

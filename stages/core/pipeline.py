@@ -70,11 +70,24 @@ def data_result(ctx: StageContext, blocks: dict, documents_in: int, removed: dic
 
 
 def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int | None = None,
-                 workers: int | None = None) -> dict[str, dict[str, Any]]:
+                 workers: int | None = None, in_process: bool = False) -> dict[str, dict[str, Any]]:
     """Run ``steps`` with the configured executor; returns {block name: {stat: value}} summed over tasks.
 
-    Block names that repeat get a ``#N`` suffix, in pipeline order.
+    Block names that repeat get a ``#N`` suffix, in pipeline order. ``in_process``: one task in this process,
+    the blocks' generators chained as datatrove's executor chains them per task, without its Manager process and
+    per-task log files (~35 ms a run: 3% of the shard stage on the 12.5 MB bench corpus); for small inputs.
     """
+    if in_process:
+        from collections import deque
+
+        from datatrove.utils.stats import PipelineStats
+
+        data = None
+        for step in steps:
+            data = step(data, 0, 1)
+        deque(data, maxlen=0)
+        return stats_by_block(PipelineStats(steps))
+
     from datatrove.executor import LocalPipelineExecutor
 
     run = ctx.cfg.run

@@ -9,6 +9,7 @@ node's first rank keeps a copy for its stage call); a failing rank writes one li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,8 +57,6 @@ def build_optimizer(model: torch.nn.Module, t: dict) -> torch.optim.AdamW:
 def autocast(device: torch.device, dtype: str, compiled: bool = False):
     """bf16: matmuls in bf16 under autocast; weights, gradients and optimizer state stay fp32. A compiled model on
     CPU also gets SDPA's math backend (parallel.attention_backend)."""
-    import contextlib
-
     ctx = contextlib.ExitStack()
     ctx.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"))
     ctx.enter_context(parallel.attention_backend(device, compiled))

@@ -2,27 +2,157 @@
 
 Every artifact of a run lives under ``<root>/<run_id>/<stage>/``. S3 uses the standard AWS variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...), so the same code talks to AWS, MinIO or moto_server.
+
+Outages. Stages also run without Prefect (``kiln stage``), so storage retries by itself, in two layers:
+every S3 request (also datatrove's streams, which use the filesystem directly) goes through botocore's
+"standard" retry mode, $KILN_S3_ATTEMPTS attempts (default 8, backoff rand x 2^n s capped at 20 s) on
+connection errors, timeouts, throttling and 5xx, never on 4xx; and each ``Storage`` operation is retried whole
+(idempotent: a PUT, a GET, a listing, a delete) with backoff 0.5 s doubling to 16 s while the same errors last,
+for at most $KILN_STORAGE_RETRY_S seconds (default 120). Then ``StorageUnavailable`` names the endpoint and
+bucket. Measured with moto_server behind a TCP proxy that is stopped and restarted (tests/test_faults.py): a
+4 s outage in the middle of a stage is ridden out and the outputs equal an uninterrupted run's; an endpoint
+down for good fails with that one-line cause and a later re-run resumes.
+
+Reproducible bytes. ``datafolder`` writes gzip with a zero header mtime: datatrove's writers go through
+fsspec's ``GzipFile``, which stamps the current time, so two identical runs gave different sha256 for every
+``data/*.jsonl.gz`` (found by bench/bench_chaos.py comparing a re-run with a reference run).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import gzip
 import hashlib
+import io
 import json
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
+log = logging.getLogger("kiln")
+
 
 def _s3_options() -> dict:
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = {"config_kwargs": {
+        "retries": {"mode": "standard", "max_attempts": int(os.environ.get("KILN_S3_ATTEMPTS", 8))},
+        "connect_timeout": float(os.environ.get("KILN_S3_CONNECT_TIMEOUT_S", 10))}}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
     return opts
+
+
+class StorageUnavailable(ConnectionError):
+    """The storage endpoint stayed unreachable (or kept failing with 5xx/throttling) through every retry. A
+    ConnectionError: flows.params.is_transient still lets Prefect retry the stage task later."""
+
+
+# S3 error codes and errnos worth a retry (as flows/params.py: s3fs turns SlowDown/503 into EBUSY, 500 into EREMOTEIO)
+_S3_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException",
+             "OperationAborted", "500", "502", "503", "504"}
+_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTUNREACH,
+           errno.ENETUNREACH, errno.ENETDOWN, errno.EBUSY, getattr(errno, "EREMOTEIO", 121)}
+
+
+def transient(exc: BaseException | None, _depth: int = 0) -> bool:
+    """A storage error worth retrying: connection errors and timeouts (Python's, botocore's, aiohttp's), S3
+    throttling and 5xx, also wrapped (``__cause__``/``__context__``). Not: 4xx (missing, forbidden, bad
+    request), a full or read-only disk, anything else."""
+    if exc is None or _depth > 5 or isinstance(exc, StorageUnavailable):
+        return False
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    try:
+        from aiohttp import ClientConnectionError
+    except ImportError:  # pragma: no cover - pinned with s3fs
+        ClientConnectionError = ConnectionError  # noqa: N806
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code")) in _S3_CODES
+    if isinstance(exc, (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError, ClientConnectionError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _ERRNOS:
+        return True
+    nxt = exc.__cause__ or exc.__context__
+    return nxt is not exc and transient(nxt, _depth + 1)
+
+
+def _retrying(op):
+    """Retry a whole Storage operation on transient errors with backoff, for at most $KILN_STORAGE_RETRY_S."""
+
+    @functools.wraps(op)
+    def wrapper(self, *args, **kwargs):
+        window = float(os.environ.get("KILN_STORAGE_RETRY_S", 120))
+        t0, delay, attempt = time.monotonic(), 0.5, 0
+        while True:
+            attempt += 1
+            try:
+                return op(self, *args, **kwargs)
+            except Exception as e:
+                if not transient(e):
+                    raise
+                waited = time.monotonic() - t0
+                if waited + delay > window:
+                    what = f"{op.__name__}({', '.join(map(repr, args))})"
+                    raise StorageUnavailable(
+                        f"storage {self.uri} unreachable: {self.endpoint()} failed {attempt} times over "
+                        f"{waited:.0f} s ({what}; last error {type(e).__name__}: {e}). Nothing partial is made "
+                        f"visible: re-run the same command once it is back (completed stages are skipped)") from e
+                log.warning("storage %s: %s failed (%s: %s), retry %d in %.1f s", self.uri, op.__name__,
+                            type(e).__name__, e, attempt, delay)
+                if not self.is_local:
+                    self.fs.invalidate_cache()
+                time.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 16.0)
+
+    return wrapper
+
+
+class _GzipWriter(gzip.GzipFile):
+    """GzipFile that also closes the file it writes into (fsspec's gzip wrapper leaves it open)."""
+
+    def close(self):
+        raw = self.fileobj
+        try:
+            super().close()
+        finally:
+            if raw is not None:
+                raw.close()
+
+
+def _folder_cls():
+    from datatrove.io import DataFolder
+    from fsspec.core import get_compression
+
+    class StableFolder(DataFolder):
+        """A datatrove DataFolder whose gzip outputs are byte-reproducible (header mtime 0, no file name)."""
+
+        def open(self, path, mode="rb", *args, **kwargs):
+            comp = kwargs.get("compression")
+            if comp is None or "r" in mode or get_compression(path, comp) != "gzip":
+                return super().open(path, mode, *args, **kwargs)
+            kwargs.pop("compression")
+            text = {k: kwargs.pop(k) for k in ("encoding", "errors", "newline") if k in kwargs}
+            f = _GzipWriter(filename="", fileobj=super().open(path, "wb", *args, **kwargs), mode="wb", mtime=0)
+            return f if "b" in mode else io.TextIOWrapper(f, **text)
+
+    StableFolder.__module__, StableFolder.__qualname__ = __name__, "StableFolder"
+    return StableFolder
+
+
+def __getattr__(name: str):  # StableFolder is created once, on first use (datatrove takes ~0.6 s to import); it
+    if name == "StableFolder":  # pickles by reference: worker processes resolve it here again
+        globals()[name] = _folder_cls()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Storage:
@@ -53,16 +183,26 @@ class Storage:
     def _p(self, rel: str) -> str:
         return posixpath.join(self._root, rel) if rel else self._root
 
-    def datafolder(self, rel: str = ""):
-        """A datatrove DataFolder on the same filesystem (for readers and writers)."""
-        from datatrove.io import DataFolder
+    def endpoint(self) -> str:
+        """Where this storage lives, for messages: the S3 endpoint and bucket, or the local folder."""
+        if self.is_local:
+            return f"local folder {self.uri}"
+        client = getattr(self.fs, "client_kwargs", None) or {}
+        bucket = self.uri.split("://", 1)[1].split("/", 1)[0]
+        return f"S3 endpoint {client.get('endpoint_url') or 'AWS default'} (bucket {bucket})"
 
-        return DataFolder(self._p(rel), fs=self.fs, auto_mkdir=True)
+    def datafolder(self, rel: str = ""):
+        """A datatrove DataFolder on the same filesystem (for readers and writers); its gzip output is
+        byte-reproducible (``StableFolder``)."""
+        cls = globals().get("StableFolder") or __getattr__("StableFolder")
+        return cls(self._p(rel), fs=self.fs, auto_mkdir=True)
 
     # -- queries ------------------------------------------------------------------------------------
+    @_retrying
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._p(rel))
 
+    @_retrying
     def list(self, rel: str = "", suffix: str = "") -> list[str]:
         """Relative paths of all files below ``rel`` (recursive, sorted)."""
         base = self._p(rel)
@@ -75,9 +215,11 @@ class Storage:
                 out.append(r)
         return sorted(out)
 
+    @_retrying
     def size(self, rel: str) -> int:
         return int(self.fs.size(self._p(rel)))
 
+    @_retrying
     def sha256(self, rel: str) -> str:
         h = hashlib.sha256()
         with self.fs.open(self._p(rel), "rb") as f:
@@ -91,6 +233,7 @@ class Storage:
             self.fs.makedirs(posixpath.dirname(self._p(rel)), exist_ok=True)
         return self.fs.open(self._p(rel), mode, **kw)
 
+    @_retrying
     def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
         """Whole file, or the byte range [start, end) (a ranged GET on S3)."""
         if start is None:
@@ -100,33 +243,42 @@ class Storage:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    @_retrying
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: readers see the old file or the whole new one, never a part."""
         path = self._p(rel)
         if self.is_local:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # a full disk leaves neither the new file nor its temporary copy
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:  # a single PUT is atomic on S3
             self.fs.pipe_file(path, data)
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
+    @_retrying
     def put_file(self, local_path: str, rel: str) -> None:
         if self.is_local:
             self.fs.makedirs(posixpath.dirname(self._p(rel)), exist_ok=True)
         self.fs.put_file(local_path, self._p(rel))
 
+    @_retrying
     def get_file(self, rel: str, local_path: str) -> str:
         os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
         self.fs.get_file(self._p(rel), local_path)
         return local_path
 
+    @_retrying
     def rm(self, rel: str = "") -> None:
         path = self._p(rel)
         if self.fs.exists(path):

@@ -6,10 +6,13 @@ and a worker can run the flow with nothing but the repository.
 
 from __future__ import annotations
 
+import contextvars
 import re
+import threading
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
@@ -18,14 +21,15 @@ from flows.params import RETRIES, RETRY_DELAYS, retry_transient
 from stages import STAGES
 from stages.core import report, summary
 from stages.core.config import ConfigError, default_run_id, load_config, storage_uri
-from stages.core.runner import RunLocked, StageError, run_lock, run_stage
+from stages.core.runner import RunLocked, StageError, progress_hook, run_lock, run_stage
 
 
 @task(cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2,
       retry_condition_fn=retry_transient)  # storage / network hiccups only (flows/params.py), never bad data
 def stage_task(stage: str, config: str, overrides: dict, storage: str, run_id: str, force: bool):
     try:
-        manifest = run_stage(stage, load_config(config, overrides), storage, run_id, force=force)
+        with progress_hook(ProgressArtifact()):  # the stage's progress bar on this task run (and the Artifacts page)
+            manifest = run_stage(stage, load_config(config, overrides), storage, run_id, force=force)
     except (StageError, ConfigError) as e:  # the user's problem, said in one line: no traceback
         get_run_logger().error("%s", e)
         return Failed(message=str(e))
@@ -35,6 +39,35 @@ def stage_task(stage: str, config: str, overrides: dict, storage: str, run_id: s
     get_run_logger().info("%s: %s%s", stage, state, docs)
     return {"stage": stage, "location": manifest["location"], "fingerprint": manifest["fingerprint"],
             "counts": c, "skipped": bool(manifest.get("skipped"))}
+
+
+class ProgressArtifact:
+    """A stage's progress as one Prefect progress artifact of its task run, key ``kiln-progress-<run_id>-<stage>``
+    (the latest attempt is the key's current version): created at the stage's first report (0%, from the runner),
+    updated by later ones (the runner throttles them to ~1/s; 100% only once the stage's manifest is written).
+    Made in the task run's thread, it keeps that thread's Prefect context (client settings, task run) and runs
+    reports from other threads (train's log pump, a datatrove poller) in a copy of it."""
+
+    def __init__(self):
+        self.context = contextvars.copy_context()
+        self.ids: dict[str, object] = {}
+        self.mu = threading.Lock()
+
+    def __call__(self, stage: str, run_id: str, fraction: float, what: str) -> None:
+        self.context.copy().run(self._send, stage, run_id, round(100 * fraction, 1), what)
+
+    def _send(self, stage: str, run_id: str, percent: float, what: str) -> None:
+        description = f"Kiln run {run_id}, stage {stage}: {what or f'{percent:g}%'}"
+        with self.mu:
+            if stage not in self.ids:
+                self.ids[stage] = create_progress_artifact(progress=percent, key=progress_key(run_id, stage),
+                                                           description=description)
+                return
+        update_progress_artifact(self.ids[stage], progress=percent, description=description)
+
+
+def progress_key(run_id: str, stage: str) -> str:
+    return artifact_key("progress", f"{run_id}-{stage}")
 
 
 @flow(name="kiln-pipeline", log_prints=True)

@@ -21,7 +21,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from stages import NEEDS, stage_module
 from stages.core.config import fingerprint
@@ -82,6 +82,57 @@ class StageContext:
     out: Storage  # <storage>/<run_id>/<stage>
     inputs: dict[str, dict]  # upstream stage -> its manifest
     workdir: str  # local scratch space, removed after the stage
+    _sent: list = field(default_factory=lambda: [0.0, -1.0], init=False, repr=False)  # [monotonic time, fraction]
+    _mu: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _sending: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def progress(self, done: float, total: float, what: str = "") -> None:
+        """Report ``done`` of ``total`` (steps, tasks, files) to the progress hook (``set_progress_hook``; none
+        by default: free). Throttled to one call per ``PROGRESS_EVERY_S`` and dropped while a previous report is
+        still being sent (a slow API never holds a stage up); ``done >= total`` always goes through. A stage's
+        own reports stop at 99%: 100% is the runner's, once the manifest is written. Thread-safe; a hook
+        that raises is logged, never fails the stage."""
+        frac = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
+        self._report(min(frac, MAX_STAGE_PROGRESS), what, force=frac >= 1.0)
+
+    def _report(self, frac: float, what: str, force: bool) -> None:
+        if _progress_hook is None:
+            return
+        now = time.monotonic()
+        with self._mu:
+            if not force and (now - self._sent[0] < PROGRESS_EVERY_S or frac == self._sent[1]):
+                return
+            self._sent[:] = [now, frac]
+        if not self._sending.acquire(blocking=force):
+            return
+        try:
+            _call_hook(self.stage, self.run_id, frac, what)
+        finally:
+            self._sending.release()
+
+    @contextmanager
+    def progress_while(self, count: Callable[[], float], total: float, what: str = "", every_s: float = 1.0):
+        """Report ``count()`` of ``total`` every ``every_s`` from a thread while the block runs, and once at its
+        end: for work that gives no callback, e.g. datatrove's executor (count its ``completions/`` files)."""
+        stop = threading.Event()
+
+        def poll():
+            while True:
+                try:
+                    self.progress(count(), total, what)
+                except Exception as e:  # e.g. a folder not created yet
+                    log.debug("%s: progress count failed: %s", self.stage, e)
+                if stop.wait(every_s):
+                    return
+
+        t = threading.Thread(target=poll, daemon=True, name=f"kiln-progress-{self.stage}")
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+        self.progress(count(), total, what)
 
     def input(self, stage: str) -> Storage:
         """Storage folder of an upstream stage (checked to exist by the runner)."""
@@ -91,6 +142,47 @@ class StageContext:
         """Files an upstream manifest lists (relative to that stage's folder)."""
         return [o["path"] for o in self.inputs[stage]["outputs"]
                 if o["path"].startswith(prefix) and o["path"].endswith(suffix)]
+
+
+# -- progress: stages report it, whoever runs them (the Prefect flow) shows it -----------------------------------
+PROGRESS_EVERY_S = 1.0
+MAX_STAGE_PROGRESS = 0.99
+ProgressHook = Callable[[str, str, float, str], None]  # (stage, run_id, fraction 0..1, what)
+_progress_hook: ProgressHook | None = None  # process-wide: stage threads (a log pump, a poller) report too
+_current: list[StageContext] = []  # the stage this process is running (stage_progress reports to it)
+
+
+def set_progress_hook(fn: ProgressHook | None) -> ProgressHook | None:
+    """Install the process-wide progress hook (None: off); returns the previous one. The Prefect flow installs
+    one per stage task (flows/pipeline.py: a progress artifact); stages never see Prefect."""
+    global _progress_hook
+    prev, _progress_hook = _progress_hook, fn
+    return prev
+
+
+@contextmanager
+def progress_hook(fn: ProgressHook | None):
+    prev = set_progress_hook(fn)
+    try:
+        yield fn
+    finally:
+        set_progress_hook(prev)
+
+
+def _call_hook(stage: str, run_id: str, frac: float, what: str) -> None:
+    hook = _progress_hook
+    if hook is not None:
+        try:
+            hook(stage, run_id, frac, what)
+        except Exception as e:  # progress is display only
+            log.warning("%s: progress hook failed: %s", stage, e)
+
+
+def stage_progress(done: float, total: float, what: str = "") -> None:
+    """``ctx.progress`` of the stage this process is running, for code that has no ctx (train's log pump);
+    a no-op outside a stage (e.g. ``stages.train.join_node``)."""
+    if _current:
+        _current[-1].progress(done, total, what)
 
 
 def read_manifest(root: Storage, stage: str) -> dict | None:
@@ -256,6 +348,7 @@ def _run_stage(stage: str, cfg, base: Storage, run_id: str, force: bool) -> dict
     if existing and existing.get("fingerprint") == fp and not force:
         log.info("%s: already complete (fingerprint %s), skipped", stage, fp)
         existing["skipped"] = True
+        _call_hook(stage, run_id, 1.0, "already complete")
         return existing
 
     out = root.sub(stage)
@@ -265,9 +358,12 @@ def _run_stage(stage: str, cfg, base: Storage, run_id: str, force: bool) -> dict
     workdir = tempfile.mkdtemp(prefix=f"kiln-{stage}-")
     ctx = StageContext(stage, run_id, cfg, root, out, inputs, workdir)
     t0 = time.time()
+    ctx._report(0.0, "started", force=True)
+    _current.append(ctx)
     try:
         result: StageResult = mod.run(getattr(cfg, stage), ctx)
     finally:
+        _current[:] = [c for c in _current if c is not ctx]
         shutil.rmtree(workdir, ignore_errors=True)
     wall = time.time() - t0
 
@@ -300,5 +396,6 @@ def _run_stage(stage: str, cfg, base: Storage, run_id: str, force: bool) -> dict
         "location": out.url(),
     }
     out.write_json(MANIFEST, manifest)  # last: the stage is complete only now
+    ctx._report(1.0, f"complete in {wall:.1f}s", force=True)
     log.info("%s: done in %.1fs, counts %s", stage, wall, result.counts)
     return manifest

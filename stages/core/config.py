@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 
 
@@ -33,10 +33,63 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+class RayOptions(Strict):
+    """datatrove's RayPipelineExecutor (stages/core/pipeline.py)."""
+
+    address: str | None = "auto"  # ray.init: "auto" (RAY_ADDRESS or the `ray start` of this machine), host:port,
+    #                               ray://host:10001; null starts a private single-machine Ray in this process
+    cpus_per_task: int = Field(1, ge=1)  # Ray CPUs reserved per datatrove task
+    mem_per_cpu_gb: float = Field(2.0, gt=0)  # Ray memory reserved per CPU (scheduling only, not a hard limit)
+    tasks_per_job: int = Field(1, ge=1)  # datatrove tasks per Ray task
+    time_s: int | None = Field(None, ge=1)  # a task running longer is killed and retried (datatrove: 3 tries)
+    log_to_driver: bool = False  # stream workers' logs here (task logs are in <stage>/logs/<pipeline>/logs)
+
+
+class SlurmOptions(Strict):
+    """datatrove's SlurmPipelineExecutor: one sbatch job array per pipeline; the stage waits for it."""
+
+    partition: str | None = None  # required with kind: slurm
+    time: str = "04:00:00"  # --time of each array element
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: int = Field(2, ge=1)  # --mem-per-cpu=<n>G
+    qos: str | None = None
+    job_name: str = "kiln"  # prefix: jobs are named <job_name>-<run id>-<stage>-<pipeline>
+    sbatch_args: dict[str, str | int] = {}  # extra #SBATCH --key=value lines, e.g. {account: proj, constraint: cpu}
+    logs_dir: str | None = None  # Slurm's own %A_%a.out files (a local/shared path); null: <stage>/logs/<pipeline>/
+    #                              slurm_logs for local storage, ./slurm_logs/<job> for s3://
+    venv: str | None = None  # activate script sourced by the job; null: the submitting interpreter's venv
+    env_command: str | None = None  # instead of venv: a shell line that prepares the environment
+    max_array_size: int = Field(1001, ge=1)  # the cluster's MaxArraySize; more tasks: several arrays
+    tasks_per_job: int = Field(1, ge=1)  # datatrove tasks per array element
+    mail_user: str | None = None
+    poll_s: float = Field(30.0, gt=0)  # how often the waiting stage looks at the completion markers
+    wait_timeout_s: float | None = Field(None, gt=0)  # give up waiting (the job keeps running); null: no limit
+
+
+class ExecutorConfig(Strict):
+    """Where data stages' datatrove pipelines run: local (this machine), ray or slurm. Not part of a stage's
+    fingerprint: every executor writes the same outputs (tests/test_executors.py)."""
+
+    kind: Literal["local", "ray", "slurm"] = "local"
+    ray: RayOptions = RayOptions()
+    slurm: SlurmOptions = SlurmOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"kind": v} if isinstance(v, str) else v  # run.executor: ray == run.executor: {kind: ray}
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "slurm" and not self.slurm.partition:
+            raise ValueError("kind slurm needs slurm.partition")
+        return self
+
+
 class RunConfig(Strict):
     seed: int = 1234
     storage: str = "./artifacts"  # overridden by --storage or KILN_STORAGE
-    executor: Literal["local"] = "local"  # datatrove executor for data stages
+    executor: ExecutorConfig = ExecutorConfig()  # datatrove executor for data stages
     tasks: int = Field(2, ge=1)  # datatrove tasks (output shards) per data stage
     workers: int = Field(2, ge=1)  # processes running those tasks at once
 

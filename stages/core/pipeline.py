@@ -1,7 +1,26 @@
 """Running datatrove pipelines for data stages, and reading their per-block stats back.
 
-The same list of pipeline blocks runs on datatrove's local executor here; other executors (Slurm,
-Ray) take the same blocks.
+The same list of pipeline blocks runs on the datatrove executor ``run.executor.kind`` names (stages/core/config.py):
+
+- ``local``: ``LocalPipelineExecutor``, ``run.workers`` processes on this machine (the default).
+- ``ray``: ``RayPipelineExecutor`` on a running Ray cluster (``run.executor.ray.address``; ``ray.init`` here if
+  this process is not connected yet). One Ray task per datatrove task, at most ``run.workers`` in flight.
+- ``slurm``: ``SlurmPipelineExecutor``: one ``sbatch`` job array per pipeline (array size = tasks, throttled to
+  ``%run.workers``), each element running the dill-pickled executor with datatrove's ``launch_pickled_pipeline``.
+  The stage then waits like the local executor does: it polls datatrove's completion markers
+  (``<logs>/completions/NNNNN``) every ``slurm.poll_s`` and returns once every task wrote one, so the runner writes
+  the manifest only for a finished stage and the next stage reads complete inputs. If the array leaves the queue
+  (``squeue``) with tasks missing, or ``slurm.wait_timeout_s`` passes, the stage fails with the missing ranks and
+  the Slurm log folder (a crashed task never leaves the queue silently "done"). Waiting blocks the submitting
+  process; it uses no compute of the cluster.
+
+Stats come back the same way for all three: summed over tasks per block (``stats_by_block``); the local executor
+returns them, Ray and Slurm tasks write ``<logs>/stats/NNNNN.json`` that are summed here.
+
+On more than one machine every task must reach what the stage reads and writes: the storage (``s3://`` or a shared
+filesystem) and the stage's scratch folder ``ctx.workdir`` (upstream file lists, dedup's signatures), which the
+runner creates with ``tempfile.mkdtemp``: point ``TMPDIR`` at a shared filesystem on the submitting machine. Ray
+workers and Slurm nodes need the same Python environment (kiln installed) at the same path.
 """
 
 from __future__ import annotations
@@ -71,7 +90,8 @@ def data_result(ctx: StageContext, blocks: dict, documents_in: int, removed: dic
 
 def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int | None = None,
                  workers: int | None = None, in_process: bool = False) -> dict[str, dict[str, Any]]:
-    """Run ``steps`` with the configured executor; returns {block name: {stat: value}} summed over tasks.
+    """Run ``steps`` with the configured executor (``run.executor``) and wait for them; returns
+    {block name: {stat: value}} summed over tasks.
 
     Block names that repeat get a ``#N`` suffix, in pipeline order. ``in_process``: one task in this process,
     the blocks' generators chained as datatrove's executor chains them per task, without its Manager process and
@@ -88,20 +108,133 @@ def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int 
         deque(data, maxlen=0)
         return stats_by_block(PipelineStats(steps))
 
-    from datatrove.executor import LocalPipelineExecutor
-
     run = ctx.cfg.run
     tasks = tasks or run.tasks
     workers = min(workers or run.workers, tasks)
-    executor = LocalPipelineExecutor(
-        pipeline=steps,
-        tasks=tasks,
-        workers=workers,
-        logging_dir=ctx.out.datafolder(f"logs/{name}"),
-        skip_completed=False,
-    )
-    stats = executor.run()
-    return stats_by_block(stats)
+    executor = build_executor(ctx, steps, name, tasks, workers)
+    one_folder_class(executor)
+    if run.executor.kind == "local":
+        return stats_by_block(executor.run())
+    if run.executor.kind == "ray":
+        _ray_connect(run.executor.ray)
+        executor.run()
+    else:
+        executor.launch_job()
+        if executor.job_id != -1:  # -1: datatrove found every task complete and submitted nothing
+            wait_slurm(executor, run.executor.slurm.poll_s, run.executor.slurm.wait_timeout_s)
+    _check_complete(executor)
+    return stats_by_block(read_task_stats(executor.logging_dir, tasks))
+
+
+def build_executor(ctx: StageContext, steps: list, name: str, tasks: int, workers: int, depends=None):
+    """The datatrove executor ``run.executor.kind`` names, for ``steps`` with ``tasks`` tasks of which at most
+    ``workers`` run at once; logs, per-task stats and completion markers in ``<stage>/logs/<name>``.
+    ``depends``: an executor of the same kind that must finish first (Slurm: ``--dependency=afterok:<job>``;
+    ``run_pipeline`` waits for each pipeline instead, so it never passes one)."""
+    ex = ctx.cfg.run.executor
+    common = dict(pipeline=steps, tasks=tasks, workers=workers, logging_dir=ctx.out.datafolder(f"logs/{name}"),
+                  skip_completed=False, depends=depends)
+    if ex.kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(**common)
+    if ex.kind == "ray":
+        from datatrove.executor import RayPipelineExecutor
+
+        o = ex.ray
+        return RayPipelineExecutor(**common, cpus_per_task=o.cpus_per_task, mem_per_cpu_gb=o.mem_per_cpu_gb,
+                                   tasks_per_job=o.tasks_per_job, time=o.time_s)
+    import sys
+
+    from datatrove.executor import SlurmPipelineExecutor
+
+    o = ex.slurm
+    venv = o.venv or os.path.join(sys.prefix, "bin", "activate")  # the submitting interpreter's venv by default
+    job = f"{o.job_name}-{ctx.run_id}-{ctx.stage}-{name}" if o.job_name else f"kiln-{ctx.run_id}-{name}"
+    return SlurmPipelineExecutor(
+        **common, time=o.time, partition=o.partition, cpus_per_task=o.cpus_per_task, mem_per_cpu_gb=o.mem_per_cpu_gb,
+        job_name=job, qos=o.qos, env_command=o.env_command, venv_path=None if o.env_command else venv,
+        sbatch_args=dict(o.sbatch_args), max_array_size=o.max_array_size, tasks_per_job=o.tasks_per_job,
+        slurm_logs_folder=os.path.join(o.logs_dir, job) if o.logs_dir else None, mail_user=o.mail_user)
+
+
+def one_folder_class(executor) -> None:
+    """Call right before a launch. Executors pickle the pipeline and its logging folder (local: multiprocess's
+    dill, Ray: cloudpickle, Slurm: dill) with ``StableFolder`` by reference, which fails for instances of an earlier class object: ``Storage.datafolder`` re-creates the class
+    on every call (stages/core/storage.py), so a pipeline's reader, writer and logging folder hold different
+    ones. Rebinds every folder of ``executor`` (and of the executors it depends on) to the current class."""
+    from datatrove.io import DataFolder
+
+    from stages.core import storage
+
+    current = storage.StableFolder
+
+    def fix(obj):
+        if isinstance(obj, DataFolder) and type(obj).__qualname__ == "StableFolder" and type(obj) is not current:
+            obj.__class__ = current
+
+    while executor is not None:
+        fix(executor.logging_dir)
+        for step in executor.pipeline:
+            for v in list(vars(step).values()):
+                for obj in (v if isinstance(v, (list, tuple)) else [v]):
+                    fix(obj)
+        executor = getattr(executor, "depends", None)
+
+
+def _ray_connect(opts) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=opts.address, log_to_driver=opts.log_to_driver, configure_logging=False)
+
+
+def wait_slurm(executor, poll_s: float, timeout_s: float | None) -> None:
+    """Block until every task of ``executor``'s submitted job array wrote its completion marker. Fails when the
+    array has left the queue (``squeue``) with tasks missing, or after ``timeout_s``."""
+    import subprocess
+    import time
+
+    t0 = time.monotonic()
+    while True:
+        if not executor.get_incomplete_ranks(skip_completed=True):
+            return
+        q = subprocess.run(["squeue", "-h", "-j", str(executor.job_id), "-o", "%i %T"], capture_output=True,
+                           text=True)
+        queued = q.returncode == 0 and q.stdout.strip()
+        if not queued and not (missing := executor.get_incomplete_ranks(skip_completed=True)):
+            return  # finished between the two looks
+        if not queued:
+            raise RuntimeError(f"Slurm job {executor.job_id} ({executor.job_name}) left the queue with "
+                               f"{len(missing)}/{executor.world_size} tasks incomplete (ranks {missing[:10]}"
+                               f"{'...' if len(missing) > 10 else ''}); Slurm logs: {executor.slurm_logs_folder}, "
+                               f"task logs: {executor.logging_dir.path}/logs")
+        if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"Slurm job {executor.job_id} ({executor.job_name}) not complete after {timeout_s:.0f} s"
+                               f" (still queued: {queued.splitlines()[0]} ...); it keeps running: cancel it with "
+                               f"scancel {executor.job_id} or rerun the stage once it is done")
+        time.sleep(poll_s)
+
+
+def _check_complete(executor) -> None:
+    missing = executor.get_incomplete_ranks(skip_completed=True)
+    if missing:  # datatrove's Ray executor only logs a warning when tasks failed
+        raise RuntimeError(f"{type(executor).__name__}: {len(missing)}/{executor.world_size} tasks did not complete "
+                           f"(ranks {missing[:10]}); task logs: {executor.logging_dir.path}/logs")
+
+
+def read_task_stats(logging_dir, tasks: int):
+    """The per-task stats files Ray and Slurm tasks write (``stats/NNNNN.json``), summed as the local executor
+    sums them."""
+    import json
+
+    from datatrove.utils.stats import PipelineStats
+
+    total = PipelineStats()
+    for rank in range(tasks):
+        with logging_dir.open(f"stats/{rank:05d}.json", "r") as f:
+            total += PipelineStats.from_json(json.load(f))
+    return total
 
 
 def stats_by_block(pipeline_stats) -> dict[str, dict[str, Any]]:

@@ -70,3 +70,86 @@ def test_zero_documents_is_a_failure_without_manifest(tmp_path):
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kiln: stage 'ingest' produced 0 documents") and "Traceback" not in r.stderr
+
+
+# -- progress hook (flows/pipeline.py turns it into Prefect progress artifacts) ------------------------------------
+def test_progress_hook_sees_start_and_100_only_after_the_manifest_and_a_failing_hook_fails_nothing(seeded):
+    from stages.core.runner import progress_hook, stage_progress
+
+    root, calls = Storage(seeded).sub("r"), []
+
+    def hook(stage, run_id, fraction, what):
+        calls.append((stage, run_id, fraction, what, root.exists(f"{stage}/manifest.json")))
+
+    cfg = load_tiny(None, {"run.workers": 1})
+    with progress_hook(hook):
+        stage_progress(1, 2, "outside a stage")  # no stage running: nothing reported
+        m = run_stage("normalize", cfg, seeded, "r")
+        assert calls[0] == ("normalize", "r", 0.0, "started", False)
+        assert calls[-1][:3] == ("normalize", "r", 1.0) and calls[-1][3] == f"complete in {m['wall_time_s']:.1f}s"
+        assert calls[-1][4] and not any(c[4] for c in calls[:-1])  # 100% once the manifest exists, not before
+        assert all(c[2] < 1 for c in calls[:-1])
+        calls.clear()
+        run_stage("normalize", cfg, seeded, "r")  # skipped: its task run still ends at 100%
+        assert calls == [("normalize", "r", 1.0, "already complete", True)]
+
+    def broken(*a):
+        raise ConnectionError("the API is down")
+
+    with progress_hook(broken):  # progress is display only: the stage completes
+        m = run_stage("normalize", load_tiny(None, {"run.workers": 1, "normalize.symbol_lines": False}), seeded, "r")
+    assert not m.get("skipped") and Storage(seeded).exists("r/normalize/manifest.json")
+
+
+def test_progress_is_throttled_never_waits_for_a_slow_hook_and_always_reports_the_end(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from stages.core import runner
+    from stages.core.runner import StageContext, progress_hook
+
+    ctx = StageContext("train", "r", None, None, None, {}, str(tmp_path))
+    calls = []
+    with progress_hook(lambda *a: calls.append(a[2:])):
+        for step in range(1, 1001):  # a tight loop (well under PROGRESS_EVERY_S)
+            ctx.progress(step, 1000, "steps")
+    # the first report, then the end; a stage's own end is 99%, not 100% (the runner's, after the manifest)
+    assert calls == [(0.001, "steps: 1/1000"), (runner.MAX_STAGE_PROGRESS, "steps: 1000/1000")]
+
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)
+    ctx, calls, entered, release = StageContext("train", "r", None, None, None, {}, str(tmp_path)), [], \
+        threading.Event(), threading.Event()
+
+    def slow(stage, run_id, fraction, what):
+        if not calls:
+            entered.set()
+            release.wait(10)
+        calls.append(fraction)
+
+    with progress_hook(slow):
+        t = threading.Thread(target=ctx.progress, args=(1, 10))
+        t.start()
+        assert entered.wait(10)
+        t0 = time.monotonic()
+        ctx.progress(2, 10)  # a report is being sent: this one is dropped at once
+        assert time.monotonic() - t0 < 0.5
+        threading.Timer(0.3, release.set).start()
+        ctx.progress(10, 10)  # the end waits for the send in flight, then goes through
+        t.join()
+    assert calls == [0.1, runner.MAX_STAGE_PROGRESS]
+
+    # a watcher polls a count (datatrove's completions/ files) until it reaches the total, then ends by itself
+    ctx, calls, done = StageContext("dedup", "r", None, None, None, {}, str(tmp_path)), [], tmp_path / "completions"
+    done.mkdir()
+    with progress_hook(lambda *a: calls.append(a[2])):
+        ctx.watch(lambda: len(list(done.iterdir())), 4, "tasks", every_s=0.02)
+        for rank in range(4):
+            time.sleep(0.15)
+            (done / f"{rank:05d}").touch()
+        t0 = time.monotonic()
+        while calls[-1:] != [runner.MAX_STAGE_PROGRESS] and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+    assert calls[0] == 0.0 and calls[-1] == runner.MAX_STAGE_PROGRESS and calls == sorted(set(calls)), calls
+    for t in [t for t in threading.enumerate() if t.name == "kiln-progress-dedup"]:
+        t.join(2)
+        assert not t.is_alive()  # ended by itself at 4 of 4

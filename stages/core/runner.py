@@ -82,57 +82,58 @@ class StageContext:
     out: Storage  # <storage>/<run_id>/<stage>
     inputs: dict[str, dict]  # upstream stage -> its manifest
     workdir: str  # local scratch space, removed after the stage
-    _sent: list = field(default_factory=lambda: [0.0, -1.0], init=False, repr=False)  # [monotonic time, fraction]
+    _sent: list = field(default_factory=lambda: [float("-inf"), -1.0], init=False, repr=False)  # [when, fraction]
     _mu: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _sending: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _watchers: list = field(default_factory=list, init=False, repr=False)
 
     def progress(self, done: float, total: float, what: str = "") -> None:
-        """Report ``done`` of ``total`` (steps, tasks, files) to the progress hook (``set_progress_hook``; none
-        by default: free). Throttled to one call per ``PROGRESS_EVERY_S`` and dropped while a previous report is
-        still being sent (a slow API never holds a stage up); ``done >= total`` always goes through. A stage's
-        own reports stop at 99%: 100% is the runner's, once the manifest is written. Thread-safe; a hook
-        that raises is logged, never fails the stage."""
+        """Report ``done`` of ``total`` (steps, tasks, files; ``what`` names them) to the progress hook
+        (``set_progress_hook``; none by default: free). Throttled to one call per ``PROGRESS_EVERY_S`` and dropped
+        while a previous report is still being sent (a slow API never holds a stage up); ``done >= total`` always
+        goes through. A stage's own reports stop at 99%: 100% is the runner's, once the manifest is written (a
+        stage that runs several pipelines, dedup, reaches 99% once per pipeline; ``what`` tells them apart).
+        Thread-safe; a hook that raises is logged, never fails the stage."""
         frac = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
-        self._report(min(frac, MAX_STAGE_PROGRESS), what, force=frac >= 1.0)
+        said = f"{done:g}/{total:g}"  # "steps: 40/200"
+        self._report(min(frac, MAX_STAGE_PROGRESS), f"{what}: {said}" if what else said, force=frac >= 1.0)
 
     def _report(self, frac: float, what: str, force: bool) -> None:
         if _progress_hook is None:
             return
-        now = time.monotonic()
         with self._mu:
-            if not force and (now - self._sent[0] < PROGRESS_EVERY_S or frac == self._sent[1]):
+            if not force and (time.monotonic() - self._sent[0] < PROGRESS_EVERY_S or frac == self._sent[1]):
                 return
-            self._sent[:] = [now, frac]
-        if not self._sending.acquire(blocking=force):
+        if not self._sending.acquire(blocking=force):  # dropped: the throttle still counts from the last sent
             return
+        with self._mu:
+            self._sent[:] = [time.monotonic(), frac]
         try:
             _call_hook(self.stage, self.run_id, frac, what)
         finally:
             self._sending.release()
 
-    @contextmanager
-    def progress_while(self, count: Callable[[], float], total: float, what: str = "", every_s: float = 1.0):
-        """Report ``count()`` of ``total`` every ``every_s`` from a thread while the block runs, and once at its
-        end: for work that gives no callback, e.g. datatrove's executor (count its ``completions/`` files)."""
+    def watch(self, count: Callable[[], float], total: float, what: str = "", every_s: float = 1.0) -> threading.Event:
+        """Report ``count()`` of ``total`` every ``every_s`` from a daemon thread, for work that gives no
+        callback (datatrove's executors: count their ``completions/`` files). It stops once ``count() >= total``,
+        when the stage's ``run`` returns or raises (the runner stops every watcher), or when the returned Event
+        is set. A ``count`` that raises (a folder not there yet) is tried again at the next tick."""
         stop = threading.Event()
+        self._watchers.append(stop)
 
         def poll():
-            while True:
+            while not stop.is_set():
                 try:
-                    self.progress(count(), total, what)
-                except Exception as e:  # e.g. a folder not created yet
+                    n = count()
+                    self.progress(n, total, what)
+                    if n >= total:
+                        return
+                except Exception as e:
                     log.debug("%s: progress count failed: %s", self.stage, e)
-                if stop.wait(every_s):
-                    return
+                stop.wait(every_s)
 
-        t = threading.Thread(target=poll, daemon=True, name=f"kiln-progress-{self.stage}")
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join()
-        self.progress(count(), total, what)
+        threading.Thread(target=poll, daemon=True, name=f"kiln-progress-{self.stage}").start()
+        return stop
 
     def input(self, stage: str) -> Storage:
         """Storage folder of an upstream stage (checked to exist by the runner)."""
@@ -364,6 +365,8 @@ def _run_stage(stage: str, cfg, base: Storage, run_id: str, force: bool) -> dict
         result: StageResult = mod.run(getattr(cfg, stage), ctx)
     finally:
         _current[:] = [c for c in _current if c is not ctx]
+        for stop in ctx._watchers:
+            stop.set()
         shutil.rmtree(workdir, ignore_errors=True)
     wall = time.time() - t0
 

@@ -9,7 +9,8 @@ records and JSONL/Parquet rows are already text (``format: text``) and pass thro
 Counts: ``documents_in`` is every record or line read (warcinfo and request records included), each either a
 document out or removed under exactly one reason (``removed``: the reader's ``SKIP_REASONS`` plus the
 extractor's reasons); ``html_pages`` / ``text_documents`` are the reader's documents of each format;
-``files_in`` / ``files_skipped`` (corrupt, empty, unreadable) / ``files_by_kind`` count input files.
+``files_in`` / ``files_skipped`` (corrupt: damaged records skipped or the rest of the file unreadable;
+empty; unreadable) / ``files_by_kind`` count input files.
 """
 
 from __future__ import annotations

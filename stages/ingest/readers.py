@@ -17,12 +17,16 @@ ISO 8601 UTC to the second, "" when unknown; an unparseable raw value is kept as
   ``<file>#<line>``), every other field (and the fields of a nested ``metadata`` object, e.g. cc_net's)
   -> metadata; a field that collides with one we set is kept as ``orig_<name>``.
 
-Damage: gzip is decompressed by Python's gzip (``decompressed``: it raises on truncation and bad data, where
-warcio's own decompression ends the iteration early or only prints to stderr, and it reads whole-file gzip that
-warcio rejects); each archive record is read to its end and checked against its declared length. Damage makes
-the record it hit a ``corrupt_record`` skip and the file one ``corrupt`` file skip (one log line); the records
-before it are kept. A file that cannot be opened is an ``unreadable`` file skip. A page whose HTTP
-Content-Encoding cannot be decoded (warcio only prints that) is ``undecodable``.
+Damage: gzip is decompressed by zlib member by member (``_Members``: it raises on truncation, bad data and CRC,
+where warcio's own decompression ends the iteration early or only prints to stderr, and it also reads whole-file
+gzip that warcio rejects); each archive record is read to its end and checked against its declared length, and
+must be followed by nothing but blank lines. Damage makes the record it hit a ``corrupt_record`` skip and the
+file one ``corrupt`` file skip (one log line naming the file and the first damaged records); reading resumes at
+the next intact gzip member, so every good record of a per-record-gzipped file is kept (a bit flip, a malformed
+header or a wrong Content-Length loses exactly the record it hit). In an uncompressed file or a whole-file gzip
+the records before the damage are kept and the rest is skipped. A file that cannot be opened is an
+``unreadable`` file skip. A page whose HTTP Content-Encoding cannot be decoded (warcio only prints that) is
+``undecodable``.
 
 Why warcio and not FastWARC (measured on the sample crawl, bench/bench_ingest.py, 2026-11): FastWARC 2.0.1
 iterates the gzipped crawl ~3x faster (182 vs 61 MB/s of WARC), but reading is ~10% of ingest time (this
@@ -337,6 +341,13 @@ def decompressed(f):
     return gzip.GzipFile(fileobj=stream) if head == b"\x1f\x8b" else stream
 
 
+def one_line(e: Exception) -> str:
+    """'<type>: <first line of the message>', escaped to printable ASCII, at most ~150 characters (messages can
+    quote raw bytes of a damaged file)."""
+    msg = (str(e).strip().splitlines() or [""])[0][:120].encode("unicode_escape").decode("ascii")
+    return f"{type(e).__name__}: {msg[:150]}"
+
+
 class CorruptInput(Exception):
     """A record that ends before its declared length: the file was cut (warcio just stops there)."""
 
@@ -350,32 +361,179 @@ def _warcio_stderr():
         yield buf
 
 
-def iter_archive(f, source: str, max_bytes: int):
-    """Outcomes (Document or reason) of every record of a WARC/ARC/WET stream; raises on damage after
-    yielding ``corrupt_record`` for the record it hit (records before it are already out)."""
+_GZIP_MEMBER = b"\x1f\x8b\x08"
+_ARC_LINE = re.compile(rb"\S+ [\d.]+ \d{14} ")
+
+
+def _starts_record(raw: bytes) -> bool:
+    """Does ``raw`` start a gzip member whose first bytes are an archive record ('WARC/' or an ARC URL line)?"""
+    import zlib
+
+    try:
+        head = zlib.decompressobj(31).decompress(raw[:4096], 64)
+    except zlib.error:
+        return False
+    return head.startswith(b"WARC/") or bool(_ARC_LINE.match(head))
+
+
+class _Members:
+    """The gzip members of a raw stream, one at a time (WARC/ARC files are gzipped one record per member).
+    ``read`` gives the decompressed bytes of the current member only (b"" at its end) and raises on damage
+    (zlib.error: bad data or CRC; EOFError: the file ends inside the member). ``next_member(damaged)`` moves to
+    the next member; after damage, to the next offset where a gzip header starts whose data begins with an
+    archive record (``_starts_record``): the records after a damaged one are read. Memory: one input chunk plus
+    the decompressed bytes asked for (``max_length``), never a whole member."""
+
+    def __init__(self, f, chunk: int = 1 << 16):
+        self.f, self.chunk = f, chunk
+        self.raw = b""  # raw bytes not yet given to zlib
+        self.last = b""  # the input of the last zlib call (the next member may start inside it)
+        self.z, self.pos, self.eof, self.calls, self.broken = None, 0, False, 0, False
+
+    def _more(self) -> bool:
+        data = b"" if self.eof else self.f.read(self.chunk)
+        self.eof = not data
+        self.raw += data
+        return bool(data)
+
+    def next_member(self, damaged: bool = False) -> bool:
+        import zlib
+
+        if damaged:  # a bad record in an intact member: skip to its end; bad gzip data: search the next member
+            try:
+                while not self.broken and self.read(1 << 20):
+                    pass
+                damaged = self.broken
+            except (zlib.error, EOFError):
+                damaged = True
+            if damaged:  # zlib may raise on the call after the one that took the CRC: the
+                skip = 1 if self.calls == 1 else 0  # next member can start at the input's first byte
+                self.raw, self.last = self.last[skip:] + self.raw, b""
+        while True:
+            while len(self.raw) < 4096 and self._more():
+                pass
+            if not self.raw.strip(b"\x00\r\n\t "):  # end of file (or padding)
+                return False
+            if self.raw.startswith(_GZIP_MEMBER) and (not damaged or _starts_record(self.raw)):
+                break
+            i = self.raw.find(_GZIP_MEMBER, 1)
+            if not damaged:  # junk between members: damage, resynchronise
+                if i < 0 and self.eof:
+                    raise CorruptInput("data after the last gzip member is not gzip")
+                damaged = True
+            self.raw = self.raw[i:] if i > 0 else self.raw[-2:] if not self.eof else b""
+        self.z, self.pos, self.calls, self.broken = zlib.decompressobj(31), 0, 0, False
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        import zlib
+
+        n = 1 << 20 if n is None or n < 0 else n
+        out = b""
+        while self.z is not None and not self.z.eof and len(out) < n:
+            if not self.raw and not self._more():
+                raise EOFError("file ends inside a gzip member (truncated)")
+            self.last, self.raw, self.calls, self.broken = self.raw, b"", self.calls + 1, True
+            data = self.z.decompress(self.last, n - len(out))
+            self.broken = False
+            self.raw = self.z.unused_data if self.z.eof else self.z.unconsumed_tail
+            if not data and len(self.raw) == len(self.last):
+                raise zlib.error("gzip data makes no progress")
+            # what zlib consumed of the member (the next member cannot start before its end)
+            self.last = b"" if self.z.eof else self.last[: len(self.last) - len(self.raw)]
+            out += data
+        self.pos += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def iter_archive(f, source: str, max_bytes: int, notes: list | None = None):
+    """Outcomes (Document or reason) of every record of a WARC/ARC/WET stream.
+
+    Gzipped files are read member by member (``_Members``): damage (bad gzip data or CRC, a truncated member, a
+    record header warcio cannot parse, a record shorter or longer than its Content-Length) makes the records of
+    that member ``corrupt_record`` and reading resumes at the next intact member, so every good record of the
+    file is kept. Uncompressed files cannot be resynchronised: damage ends them (the records before are kept).
+    A message per damage goes to ``notes``."""
+    notes = notes if notes is not None else []
+    head = f.read(2)
+    stream = _Head(head, f)
+    if head != b"\x1f\x8b":
+        if (yield from _member_records(stream, source, max_bytes, [0], notes)):
+            notes.append("rest of the file skipped (uncompressed: no boundary to resume at)")
+        return
+    members, idx, damaged = _Members(stream), [0], False
+    while True:
+        try:
+            if not members.next_member(damaged):
+                return
+        except CorruptInput as e:
+            notes.append(f"after record {idx[0]}: {e}")
+            yield "corrupt_record"
+            return
+        damaged = yield from _member_records(members, source, max_bytes, idx, notes)
+
+
+def _member_records(stream, source: str, max_bytes: int, idx: list, notes: list, hold: int = 1):
+    """Outcomes of the records of one gzip member (or of a whole uncompressed stream); returns True on damage.
+    Each outcome is held back until the next record header parses or the member ends intact (nothing but blank
+    lines after the record; with one record per member, its CRC checked): junk after a record means a wrong
+    Content-Length and makes it ``corrupt_record``, gzip damage makes the held ones ``corrupt_record``. ``hold``
+    is 1 (memory: one document); the records of a whole-file gzip (one member) are released before its CRC."""
     from warcio.archiveiterator import ArchiveIterator
 
-    it = iter(ArchiveIterator(decompressed(f), arc2warc=True))
-    idx = 0
+    import zlib
+
+    it = ArchiveIterator(stream, arc2warc=True)
+    records, held = iter(it), []
+
+    def note(e: Exception, at: int):
+        notes.append(f"record {at}: {one_line(e)}")
+
+    def flush(outcomes: list):
+        idx[0] += len(outcomes)
+        return outcomes
+
     while True:
-        with _warcio_stderr():  # warcio notes a bad Content-Length there (then finds the next record)
-            record = next(it, None)
+        before = it.err_count
+        try:
+            with _warcio_stderr():
+                record = next(records, None)
+        except Exception as e:  # bad header, junk after a record, gzip damage
+            note(e, idx[0] + len(held) + 1)
+            if isinstance(e, (zlib.error, EOFError)):  # the CRC covers the member: none of it is sure
+                yield from flush(["corrupt_record"] * max(len(held), 1))
+            elif it.err_count > before and held:  # junk after the last record: its Content-Length is wrong
+                yield from flush([*held[:-1], "corrupt_record"])
+            else:  # a record whose header cannot be parsed (at the file's start: not an archive, a file skip only)
+                yield from flush([*held, "corrupt_record"] if idx[0] or held else [])
+            return True
+        if it.err_count > before and held:  # the last record was not followed by a blank line: what follows
+            notes.append(f"record {idx[0] + len(held)}: not followed by a blank line (wrong Content-Length?)")
+            yield from flush([*held[:-1], "corrupt_record"])  # is its rest, not a record
+            return True
         if record is None:
-            return
+            yield from flush(held)
+            return False
         try:
             with _warcio_stderr() as err:  # warcio reports a broken HTTP Content-Encoding only there
-                out = archive_record(record, source, idx, max_bytes)
+                out = archive_record(record, source, idx[0] + len(held), max_bytes)
             if err.getvalue() and not isinstance(out, str):
                 out = "undecodable"
             while record.raw_stream.read(1 << 20):  # to the record's end: detects truncation
                 pass
             if record.raw_stream.limit > 0:
-                raise CorruptInput(f"record {idx + 1} ends {record.raw_stream.limit} bytes early")
-        except Exception:
-            yield "corrupt_record"
-            raise
-        idx += 1
-        yield out
+                raise CorruptInput(f"ends {record.raw_stream.limit} bytes before its Content-Length")
+        except Exception as e:
+            note(e, idx[0] + len(held) + 1)
+            gzip_damage = isinstance(e, (zlib.error, EOFError))
+            yield from flush(["corrupt_record"] * (len(held) + 1) if gzip_damage else [*held, "corrupt_record"])
+            return True
+        held.append(out)
+        if len(held) > hold:
+            yield from flush([held.pop(0)])
 
 
 def _lines(stream, max_bytes: int, chunk: int = 1 << 16):
@@ -444,21 +602,18 @@ def _reader_cls():
             self.max_record_bytes = max_record_bytes
             self.text_field, self.id_field = text_field, id_field
 
-        def outcomes(self, f, path: str, kind: str):
+        def outcomes(self, f, path: str, kind: str, notes: list):
             source = posixpath.basename(urlsplit(path).path if "://" in path else path)
             if kind == "parquet":
                 return iter_parquet(f, source, self.text_field, self.id_field)
             if kind == "jsonl":
                 return iter_jsonl(f, source, self.max_record_bytes, self.text_field, self.id_field)
-            return iter_archive(f, source, self.max_record_bytes)
+            return iter_archive(f, source, self.max_record_bytes, notes)
 
         def read_file(self, path: str):
-            """Yield the documents of one file; count every other outcome, and damage as a file skip."""
+            """Yield the documents of one file; count every other outcome. A file with damage (damaged records
+            skipped, or its rest unreadable) is one ``corrupt`` file skip and one log line naming the file."""
             from datatrove.utils.logging import logger  # not a closure variable: the block must pickle
-
-            def short(e: Exception) -> str:
-                msg = (str(e).strip().splitlines() or [""])[0].encode("ascii", "backslashreplace").decode()
-                return f"{type(e).__name__}: {msg[:120]}"
 
             self.stat_update("input_files")
             kind = file_kind(path) or "warc"
@@ -466,12 +621,13 @@ def _reader_cls():
                 f = open_raw(path, seekable=kind == "parquet")
             except Exception as e:
                 self.stat_update("unreadable_files")
-                logger.warning(f"ingest: skipped unreadable file {path}: {short(e)}")
+                logger.warning(f"ingest: skipped unreadable file {path}: {one_line(e)}")
                 return
-            records = 0
+            records = corrupt = 0
+            notes, error = [], None
             try:
                 with f:
-                    outcomes = self.outcomes(f, path, kind)
+                    outcomes = self.outcomes(f, path, kind, notes)
                     while True:
                         with self.track_time():
                             out = next(outcomes, None)
@@ -480,16 +636,21 @@ def _reader_cls():
                         records += 1
                         self.stat_update("records")
                         if isinstance(out, str):
+                            corrupt += out == "corrupt_record"
                             self.stat_update(f"skip_{out}")
                             continue
                         self.stat_update("pages" if out.metadata["format"] == "html" else "text_docs")
                         yield out
-                if records == 0:
-                    self.stat_update("empty_files")
-                    logger.warning(f"ingest: skipped {path}: no records (empty file)")
             except Exception as e:  # any damage (warcio, gzip, pyarrow raise many kinds): one line, counted
+                error = e
+            if error is not None or corrupt or notes:  # notes: damage the archive reader got past
                 self.stat_update("corrupt_files")
-                logger.warning(f"ingest: skipped rest of corrupt file {path} after {records} records: {short(e)}")
+                what = f"rest of file skipped: {one_line(error)}" if error is not None else "; ".join(notes[:3])
+                logger.warning(f"ingest: corrupt file {path}: {records - corrupt} records read, {corrupt} damaged "
+                               f"records skipped; {what}"[:600])
+            elif records == 0:
+                self.stat_update("empty_files")
+                logger.warning(f"ingest: skipped {path}: no records (empty file)")
 
         def run(self, data=None, rank: int = 0, world_size: int = 1):
             if data:

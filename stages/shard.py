@@ -164,7 +164,7 @@ def _block():
             out = Storage(self.out_uri)
             tmp = tempfile.mkdtemp(prefix=f"kiln-shard-{rank:05d}-")
             threads = self.cfg.encode_threads or 1
-            pool, files = None, {}
+            pool, files, done = None, {}, False
             try:
                 # two sentencepiece calls in flight, each on its own batch with every encode thread (the GIL released,
                 # ids returned as int32 arrays), consumed in order: while one call's threads finish its last long
@@ -188,11 +188,13 @@ def _block():
                 for f in files.values():
                     f.close()
                 self.stat_update("bytes", value=sum(f.bytes for f in files.values()))
+                done = True
             finally:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
-                for f in files.values():
-                    f.abort()
+                if not done:  # a failed task withdraws every file it wrote (complete or not)
+                    for f in files.values():
+                        f.abort()
                 shutil.rmtree(tmp, ignore_errors=True)
 
         def _write(self, files: dict, batch: list, pending, sp, rank: int, out, tmp: str):
@@ -238,7 +240,10 @@ def _block():
 class _SplitFiles:
     """One task's files of one split: token shard + index, and Parquet (explicit schema, zstd, row groups of exactly
     ``parquet_rows_per_group`` documents but the last, content-defined chunking and page index as datatrove's
-    ParquetWriter writes them). Local storage: written in place; remote: in ``tmp``, uploaded at ``close``."""
+    ParquetWriter writes them). Local storage: written in place under temporary names (``*.tmp-<pid>``), renamed
+    by ``close`` once complete; remote: in ``tmp``, uploaded at ``close`` (one PUT per object). A write error (a
+    full disk: tests/test_faults.py) becomes a StageError naming the file, and ``abort`` removes what was written:
+    no partial shard is ever under its final name, and a failed task leaves none of its files."""
 
     def __init__(self, name: str, rank: int, out, tmp: str, vocab: int, eos: int, cfg: Config):
         import pyarrow.parquet as pq
@@ -248,23 +253,31 @@ class _SplitFiles:
         self.out, self.rows = out, cfg.parquet_rows_per_group
         self.rels = {ext: f"tokens/{name}/{rank:05d}.{ext}" for ext in ("bin", "idx")}
         self.rels["parquet"] = f"parquet/{name}/{rank:05d}.parquet"
+        self.closed, self.bytes, self.tokens, self.parquet, self.uploaded = False, 0, None, None, []
         if out.is_local:
             self.local = {k: out.url(rel) for k, rel in self.rels.items()}
             for path in self.local.values():
                 os.makedirs(os.path.dirname(path), exist_ok=True)
         else:
             self.local = {k: os.path.join(tmp, rel.replace("/", "_")) for k, rel in self.rels.items()}
-        self.tokens = TokenShardWriter(self.local["bin"], self.local["idx"], vocab, eos)
-        self.parquet = pq.ParquetWriter(self.local["parquet"], parquet_schema(), compression="zstd",
-                                        use_content_defined_chunking={"min_chunk_size": 256 * 1024,
-                                                                      "max_chunk_size": 1024 * 1024, "norm_level": 0},
-                                        write_page_index=True)
+        self.parquet_tmp = f"{self.local['parquet']}.tmp-{os.getpid()}"
+        self.tokens = self._io("bin", TokenShardWriter, self.local["bin"], self.local["idx"], vocab, eos)
+        self.parquet = self._io("parquet", pq.ParquetWriter, self.parquet_tmp, parquet_schema(), compression="zstd",
+                                use_content_defined_chunking={"min_chunk_size": 256 * 1024,
+                                                              "max_chunk_size": 1024 * 1024, "norm_level": 0},
+                                write_page_index=True)
         self.cols: dict[str, list] = {k: [] for k in parquet_schema().names}
-        self.closed, self.bytes = False, 0
+
+    def _io(self, key: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``; an OSError (ENOSPC, EFBIG, EIO ...) becomes a StageError naming the file."""
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            raise StageError(f"shard: cannot write {self.out.url(self.rels[key])}: {e}") from e
 
     def add(self, pairs: list) -> None:
         """Token ids and Parquet rows of (document, ids) pairs."""
-        self.tokens.add_many([seq for _, seq in pairs])
+        self._io("bin", self.tokens.add_many, [seq for _, seq in pairs])
         c = self.cols
         for doc, seq in pairs:
             md = doc.metadata
@@ -285,23 +298,37 @@ class _SplitFiles:
         arrays = [pa.array(self.cols[f.name][:n], type=f.type) for f in schema]
         for k in self.cols:
             del self.cols[k][:n]
-        self.parquet.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema), row_group_size=n)
+        self._io("parquet", self.parquet.write_batch, pa.RecordBatch.from_arrays(arrays, schema=schema),
+                 row_group_size=n)
         self.bytes += int(pc.sum(pc.binary_length(arrays[0])).as_py() or 0)  # UTF-8 bytes of the texts
 
     def close(self) -> None:
         if self.cols["id"]:
             self._flush(len(self.cols["id"]))
-        self.tokens.close()
-        self.parquet.close()
+        self._io("parquet", self.parquet.close)
+        self._io("parquet", os.replace, self.parquet_tmp, self.local["parquet"])
+        self._io("bin", self.tokens.close)
         self.closed = True
         if not self.out.is_local:
             for k, rel in self.rels.items():
-                self.out.put_file(self.local[k], rel)
+                self.uploaded.append(rel)
+                self._io(k, self.out.put_file, self.local[k], rel)
 
     def abort(self) -> None:
-        if not self.closed:
-            self.tokens.f.close()
-            self.parquet.close()
+        """Remove this split's files, temporary and complete (local, or uploaded), when its task failed."""
+        import contextlib
+
+        if self.tokens is not None:
+            self.tokens.abort()
+        if self.parquet is not None:
+            with contextlib.suppress(Exception):
+                self.parquet.close()
+        for path in (self.parquet_tmp, *self.local.values()):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        for rel in self.uploaded:
+            with contextlib.suppress(Exception):
+                self.out.rm(rel)
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:

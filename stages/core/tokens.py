@@ -20,6 +20,8 @@ Any window is one byte range, so readers fetch only what they need, locally or f
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
 
 import numpy as np
@@ -37,13 +39,19 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 
 class TokenShardWriter:
-    """Write documents' token ids to a local ``.bin``/``.idx`` pair (upload afterwards)."""
+    """Write documents' token ids to a local ``.bin``/``.idx`` pair (upload afterwards).
+
+    Both files are written under temporary names (``NAME.bin.tmp-<pid>``) and renamed only by ``close``, after
+    the header and the whole index are written: a reader never finds a ``.bin``/``.idx`` that is partial (killed
+    process, full disk). ``abort`` removes the temporary files."""
 
     def __init__(self, bin_path: str, idx_path: str, vocab_size: int, eos_id: int):
         self.bin_path, self.idx_path = bin_path, idx_path
+        suffix = f".tmp-{os.getpid()}"
+        self.tmp = {bin_path: bin_path + suffix, idx_path: idx_path + suffix}
         self.vocab_size, self.eos_id = vocab_size, eos_id
         self.dtype = dtype_for_vocab(vocab_size)
-        self.f = open(bin_path, "wb")
+        self.f = open(self.tmp[bin_path], "wb")
         self.f.write(b"\0" * HEADER_BYTES)
         self.offsets = [0]
 
@@ -77,11 +85,21 @@ class TokenShardWriter:
         n_tokens, n_docs = self.offsets[-1], len(self.offsets) - 1
         self.f.seek(0)
         self.f.write(_HDR.pack(MAGIC, VERSION, self.dtype.itemsize, n_tokens, n_docs, self.vocab_size, self.eos_id))
-        self.f.close()
-        with open(self.idx_path, "wb") as f:
+        self.f.close()  # flushes: a full disk raises here at the latest, before any rename
+        with open(self.tmp[self.idx_path], "wb") as f:
             f.write(_IDX_HDR.pack(IDX_MAGIC, n_docs))
             f.write(np.asarray(self.offsets, dtype="<u8").tobytes())
+        os.replace(self.tmp[self.idx_path], self.idx_path)  # the index first: a .bin is never without its .idx
+        os.replace(self.tmp[self.bin_path], self.bin_path)
         return {"tokens": n_tokens, "documents": n_docs}
+
+    def abort(self) -> None:
+        """Close and remove the temporary files of an unfinished shard (nothing under the final names)."""
+        with contextlib.suppress(OSError):
+            self.f.close()
+        for tmp in self.tmp.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
 
 
 def parse_header(raw: bytes) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from stages.core.config import Strict
 from stages.core.runner import StageContext, StageResult
@@ -56,7 +56,7 @@ class Config(Strict):
     symbol_lines_keep: str = CODE_PUNCTUATION  # ... except lines made only of these characters (code)
     strip_pilcrows: bool = True  # drop "¶" permalink marks at line ends (Sphinx headings)
     boilerplate_patterns: list[str] = DEFAULT_BOILERPLATE  # whole-line regexes (case-insensitive) to drop
-    min_chars: int = 1  # documents shorter than this after normalization are removed as "empty"
+    min_chars: int = Field(1, ge=0)  # documents shorter than this after normalization are removed as "empty"
     language_id: bool = True  # tag language + score (fastText lid.176, offline) on every document
 
     @field_validator("boilerplate_patterns")
@@ -186,6 +186,21 @@ def _language_tagger_cls():
     return LanguageTag
 
 
+def check_upstream_read(ctx: StageContext, stage: str, read: int) -> None:
+    """A StageError when fewer documents were read from ``stage``'s data files than the ``documents_out`` its
+    manifest counts: datatrove's JsonlReader skips a line that is not JSON (and the rest of a file that is not
+    UTF-8) with only a log line, so damaged upstream files would otherwise lose documents silently. Used by every
+    stage that reads a whole upstream stage (normalize, filter, reweight)."""
+    from stages.core.runner import StageError
+
+    expected = (ctx.inputs[stage].get("counts") or {}).get("documents_out")
+    if isinstance(expected, int) and read < expected:
+        raise StageError(f"{ctx.stage}: read {read} documents of the {expected} that the {stage} manifest counts in "
+                         f"{ctx.input(stage).url('data')}: its data files were damaged or changed after the "
+                         f"manifest was written (datatrove's log names the file: 'Error when reading'); re-run "
+                         f"`kiln stage {stage} --force`")
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
 
@@ -203,6 +218,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     blocks = run_pipeline(ctx, [*steps, *output_steps(ctx)], name="normalize")
     norm = block_stats(blocks, normalizer.name)
     g = lambda k: int(norm.get(k, 0))  # noqa: E731
+    check_upstream_read(ctx, "ingest", g("documents_in"))
     langs = {}
     if cfg.language_id:
         tags = block_stats(blocks, "🌐 language id")

@@ -208,6 +208,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
     from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
 
+    from stages.normalize import check_upstream_read
+
     DomainMeasure, DomainSampler = _blocks()
     if not ctx.input_files("filter", prefix="data/"):
         raise StageError(f"reweight: the filter manifest in {ctx.input('filter').url()} lists no data/ files")
@@ -221,6 +223,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     doms = np.concatenate([p["domain"] for p in parts])
     units = np.concatenate([p["unit"] for p in parts])
     sizes = np.concatenate([p["size"] for p in parts])
+    check_upstream_read(ctx, "filter", int(doms.size))
     if doms.size == 0:
         raise StageError(f"reweight: no documents in {ctx.input('filter').url('data')}")
     names = sorted(set(doms.tolist()))

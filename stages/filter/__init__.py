@@ -157,6 +157,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from stages.filter.heuristics import _chain_cls
     from stages.filter.pii import pii_block, pii_counts
     from stages.filter.quality import QualityFilter, train_quality
+    from stages.normalize import check_upstream_read
 
     filters, per_domain = build_chain(cfg)
     keys = chain_keys(filters, per_domain)
@@ -194,6 +195,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     task_files = [ctx.out.read_bytes(p) for p in ctx.out.list(_TASK_SAMPLES, suffix=".jsonl")]
     ctx.out.write_bytes(SAMPLES, merge_samples(task_files, keys, cfg.samples_per_filter))
     ctx.out.rm(_TASK_SAMPLES)
+    check_upstream_read(ctx, "dedup", int(chain_stats.get("documents", 0)))
     counts, metrics = chain_counts(chain_stats, keys)
     removed = counts.pop("removed")
     redacted = pii_counts(block_stats(blocks, "📞 PII redaction")) if cfg.pii.enabled else {}

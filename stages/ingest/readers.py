@@ -569,11 +569,22 @@ def iter_jsonl(f, source: str, max_bytes: int, text_field: str, id_field: str):
 
 
 def iter_parquet(f, source: str, text_field: str, id_field: str, batch_rows: int = 1024):
-    """Outcomes of every row of a Parquet file, read in batches of ``batch_rows``."""
+    """Outcomes of every row of a Parquet file, read in batches of ``batch_rows``. A file without a string column
+    ``text_field`` raises (one corrupt file skip whose log line names the column) instead of giving a bad_line
+    per row."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    pf = pq.ParquetFile(f)
+    schema = pf.schema_arrow
+    if text_field not in schema.names:  # a file of other data, or ingest.text_field not set for it
+        raise CorruptInput(f"no column '{text_field}' (columns: {', '.join(schema.names[:10])}); "
+                           f"set ingest.text_field")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CorruptInput(f"column '{text_field}' holds {kind}, not strings")
     idx = 0
-    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+    for batch in pf.iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
             yield json_row(row, source, idx, text_field, id_field)
             idx += 1

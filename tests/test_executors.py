@@ -211,7 +211,7 @@ def sbatch_lines(script: str) -> dict[str, str]:
 def test_slurm_scripts_job_arrays_and_dependencies(fake_slurm, tmp_path):
     """Two chained pipelines (ingest's, then normalize's over its output) built by build_executor with Slurm
     options; launching the second makes datatrove submit the first, then the second with afterok on it."""
-    from stages.core.pipeline import build_executor, one_folder_class, output_steps
+    from stages.core.pipeline import build_executor, output_steps
     from stages.ingest.extract import extractor_block
     from stages.ingest.readers import _reader_cls
     from datatrove.pipeline.readers import JsonlReader
@@ -231,7 +231,6 @@ def test_slurm_scripts_job_arrays_and_dependencies(fake_slurm, tmp_path):
     norm = ctx("normalize")
     second = build_executor(norm, [JsonlReader(root.sub("ingest").datafolder("data")), _normalizer_cls()(NormConfig()),
                                    *output_steps(norm)], "normalize", 3, 2, depends=first)
-    one_folder_class(second)  # what run_pipeline does before a launch
     second.launch_job()
 
     jobs = sorted(int(p.stem[4:]) for p in fake_slurm.glob("job_*.sh"))
@@ -247,7 +246,7 @@ def test_slurm_scripts_job_arrays_and_dependencies(fake_slurm, tmp_path):
         sb = sbatch_lines(script)
         slurm_out = f"{logs}/slurm_logs/%A_%a.out"
         assert sb == {"cpus-per-task": "2", "mem-per-cpu": "3G", "nodes": "1", "partition": "cpu-long",
-                      "job-name": f"kt-r1-{stage}-{stage}", "time": "01:30:00", "output": slurm_out,
+                      "job-name": f"kt-r1-{stage}", "time": "01:30:00", "output": slurm_out,
                       "error": slurm_out, "array": "0-2%2", "account": "proj7", "requeue": ""}
         assert f"source {sys.prefix}/bin/activate" in script
         assert f"srun  -l -n 1 launch_pickled_pipeline {logs}/executor.pik" in script

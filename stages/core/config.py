@@ -53,7 +53,7 @@ class SlurmOptions(Strict):
     cpus_per_task: int = Field(1, ge=1)
     mem_per_cpu_gb: int = Field(2, ge=1)  # --mem-per-cpu=<n>G
     qos: str | None = None
-    job_name: str = "kiln"  # prefix: jobs are named <job_name>-<run id>-<stage>-<pipeline>
+    job_name: str = Field("kiln", min_length=1)  # prefix: jobs are <job_name>-<run id>-<pipeline> (e.g. dedup_cluster)
     sbatch_args: dict[str, str | int] = {}  # extra #SBATCH --key=value lines, e.g. {account: proj, constraint: cpu}
     logs_dir: str | None = None  # Slurm's own %A_%a.out files (a local/shared path); null: <stage>/logs/<pipeline>/
     #                              slurm_logs for local storage, ./slurm_logs/<job> for s3://

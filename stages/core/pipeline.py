@@ -112,7 +112,6 @@ def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int 
     tasks = tasks or run.tasks
     workers = min(workers or run.workers, tasks)
     executor = build_executor(ctx, steps, name, tasks, workers)
-    one_folder_class(executor)
     if run.executor.kind == "local":
         return stats_by_block(executor.run())
     if run.executor.kind == "ray":
@@ -150,36 +149,12 @@ def build_executor(ctx: StageContext, steps: list, name: str, tasks: int, worker
 
     o = ex.slurm
     venv = o.venv or os.path.join(sys.prefix, "bin", "activate")  # the submitting interpreter's venv by default
-    job = f"{o.job_name}-{ctx.run_id}-{ctx.stage}-{name}" if o.job_name else f"kiln-{ctx.run_id}-{name}"
+    job = f"{o.job_name}-{ctx.run_id}-{name if name.startswith(ctx.stage) else f'{ctx.stage}-{name}'}"
     return SlurmPipelineExecutor(
         **common, time=o.time, partition=o.partition, cpus_per_task=o.cpus_per_task, mem_per_cpu_gb=o.mem_per_cpu_gb,
         job_name=job, qos=o.qos, env_command=o.env_command, venv_path=None if o.env_command else venv,
         sbatch_args=dict(o.sbatch_args), max_array_size=o.max_array_size, tasks_per_job=o.tasks_per_job,
         slurm_logs_folder=os.path.join(o.logs_dir, job) if o.logs_dir else None, mail_user=o.mail_user)
-
-
-def one_folder_class(executor) -> None:
-    """Call right before a launch. Executors pickle the pipeline and its logging folder (local: multiprocess's
-    dill, Ray: cloudpickle, Slurm: dill) with ``StableFolder`` by reference, which fails for instances of an earlier class object: ``Storage.datafolder`` re-creates the class
-    on every call (stages/core/storage.py), so a pipeline's reader, writer and logging folder hold different
-    ones. Rebinds every folder of ``executor`` (and of the executors it depends on) to the current class."""
-    from datatrove.io import DataFolder
-
-    from stages.core import storage
-
-    current = storage.StableFolder
-
-    def fix(obj):
-        if isinstance(obj, DataFolder) and type(obj).__qualname__ == "StableFolder" and type(obj) is not current:
-            obj.__class__ = current
-
-    while executor is not None:
-        fix(executor.logging_dir)
-        for step in executor.pipeline:
-            for v in list(vars(step).values()):
-                for obj in (v if isinstance(v, (list, tuple)) else [v]):
-                    fix(obj)
-        executor = getattr(executor, "depends", None)
 
 
 def _ray_connect(opts) -> None:

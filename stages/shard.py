@@ -26,6 +26,7 @@ process without datatrove's executor (no worker pool, no Manager process).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from typing import Literal
 
@@ -261,11 +262,15 @@ class _SplitFiles:
         else:
             self.local = {k: os.path.join(tmp, rel.replace("/", "_")) for k, rel in self.rels.items()}
         self.parquet_tmp = f"{self.local['parquet']}.tmp-{os.getpid()}"
-        self.tokens = self._io("bin", TokenShardWriter, self.local["bin"], self.local["idx"], vocab, eos)
-        self.parquet = self._io("parquet", pq.ParquetWriter, self.parquet_tmp, parquet_schema(), compression="zstd",
-                                use_content_defined_chunking={"min_chunk_size": 256 * 1024,
-                                                              "max_chunk_size": 1024 * 1024, "norm_level": 0},
-                                write_page_index=True)
+        try:
+            self.tokens = self._io("bin", TokenShardWriter, self.local["bin"], self.local["idx"], vocab, eos)
+            self.parquet = self._io("parquet", pq.ParquetWriter, self.parquet_tmp, parquet_schema(),
+                                    compression="zstd", use_content_defined_chunking={
+                                        "min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0},
+                                    write_page_index=True)
+        except BaseException:
+            self.abort()
+            raise
         self.cols: dict[str, list] = {k: [] for k in parquet_schema().names}
 
     def _io(self, key: str, fn, *args, **kwargs):
@@ -316,8 +321,6 @@ class _SplitFiles:
 
     def abort(self) -> None:
         """Remove this split's files, temporary and complete (local, or uploaded), when its task failed."""
-        import contextlib
-
         if self.tokens is not None:
             self.tokens.abort()
         if self.parquet is not None:
@@ -351,8 +354,13 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg.model_copy(update={"encode_threads": threads}),
                  ctx.cfg.reweight),
     ]
-    stats = run_pipeline(ctx, steps, name="shard", tasks=tasks, workers=workers,
-                         in_process=small)
+    try:
+        stats = run_pipeline(ctx, steps, name="shard", tasks=tasks, workers=workers, in_process=small)
+    except BaseException:  # a failed task removed its own files; the tasks that finished remove theirs here
+        for rel in ("tokens", "parquet"):
+            with contextlib.suppress(Exception):
+                ctx.out.rm(rel)
+        raise
     tok = block_stats(stats, "token shards")
     n = {k.replace("validation", "val"): int(tok.get(k, 0))
          for k in ("docs_train", "docs_validation", "tokens_train", "tokens_validation", "empty")}

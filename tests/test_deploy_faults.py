@@ -2,7 +2,8 @@
 
 - the `kiln run` process (flow and datatrove workers: its whole process group) is SIGKILLed in the middle of
   dedup; the re-run of the same run id takes over the dead run's lock, skips ingest and normalize by their
-  manifests and gives dedup outputs equal to an uninterrupted run's;
+  manifests and gives dedup outputs equal to an uninterrupted run's (and removes the killed attempt's uncommitted
+  index segment);
 - a training flow run served by `kiln serve` is cancelled as the UI's Cancel button does it: torchrun and its
   ranks are gone within seconds and no checkpoint is completed afterwards.
 """
@@ -157,10 +158,12 @@ def test_flow_killed_in_dedup_resumes_at_dedup(server, tmp_path):
         {**ref["counts"], "index": {**ref["counts"]["index"], "uri": None}}
     c = got["counts"]
     assert c["documents_in"] == 2 * c["documents_out"] > 0 and sum(c["removed"].values()) == c["documents_out"]
-    # the index lists snapshot k once, at the re-run's own segment (the killed attempt's is ignored)
+    # the index lists snapshot k once, at the re-run's own segment; the killed attempt's segment was removed
     segs = index.read_json("index.json")["segments"]
     assert [s["snapshot"] for s in segs] == ["k"] and index.exists(f"{segs[0]['path']}/arrays.npz")
-    assert segs[0]["path"] != f"segments/{orphan.pop()}" and segs[0]["documents"] == got["counts"]["documents_out"]
+    assert segs[0]["documents"] == got["counts"]["documents_out"]
+    assert not index.list(f"segments/{orphan.pop()}") and len({p.split("/")[1] for p in index.list("segments")}) == 1
+    assert got["metrics"]["index_orphans_removed"] == 1 and ref["metrics"]["index_orphans_removed"] == 0
     # and the same bytes: the manifests' sha256 (needs gzip headers without a timestamp)
     assert {o["path"]: o["sha256"] for o in got["outputs"]} == {o["path"]: o["sha256"] for o in ref["outputs"]}
 

@@ -18,7 +18,8 @@ Outputs: ``data/*.jsonl.gz`` and ``duplicates.jsonl.gz`` (one row per removed do
 exact|url|near, matched_id, matched_url, matched_snapshot, jaccard, cluster, kept_id; for near duplicates
 matched is a verified partner (J >= threshold) one step closer to the cluster's kept document kept_id). With ``index`` set, the kept
 documents become this snapshot's segment of the index, committed (one atomic write of ``index.json``) after
-``data/`` is written; re-running a snapshot replaces its segment.
+``data/`` is written; re-running a snapshot replaces its segment and removes segments of the snapshot that a killed
+attempt wrote but never committed.
 """
 
 from __future__ import annotations
@@ -112,11 +113,15 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                                 params)
         if replaced and replaced != segment:
             index.remove(replaced)
+        orphans = index.orphaned_segments(snapshot, index.load())  # an earlier attempt killed before its commit
+        for path in orphans:
+            index.remove(path)
         seconds["index_commit"] = time.perf_counter() - t
         index_counts.update(uri=index.uri, snapshot=snapshot, segments_read=len(index.prior_segments(
             index.load(), snapshot)), replaced_segment=bool(replaced))
     documents_in = int(block_stats(sig, "🔏 dedup signature").get("documents", 0))
     metrics = {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "in_process": workers == 1,
+               "index_orphans_removed": len(orphans) if index is not None else 0,
                "cluster_memory": counts.get("memory"), "blocks": {"signature": sig, "cluster": cl, "filter": filt}}
     return data_result(ctx, filt, documents_in, removed, extra_outputs=(DUPLICATES,), metrics=metrics,
                        near=counts["near"], index=index_counts if index is not None else None,

@@ -17,7 +17,8 @@ The index (``DedupIndex``) is a folder in storage (local or s3://) with ``index.
 the ordered list of snapshot segments) and ``segments/<snapshot>-<token>/`` document tables holding the
 documents each snapshot *kept*. Updates are atomic: a run writes its new segment first (a fresh folder), and
 only then replaces ``index.json`` in one write; a crash in between leaves the previous ``index.json`` and its
-segments untouched (the orphaned folder is ignored). One writer at a time per index.
+segments untouched (the orphaned folder is ignored, and removed by the snapshot's next successful run). One writer
+at a time per index.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def index_storage(spec: str, storage_root: str) -> Storage:
     return Storage(storage_root).sub(spec.strip("/"))
 
 
+def _safe(snapshot: str) -> str:
+    """A snapshot name as a folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", snapshot)[:80]
+
+
 class DedupIndex:
     """The persistent index: ``index.json`` plus one document-table segment per snapshot."""
 
@@ -120,8 +126,16 @@ class DedupIndex:
 
     @staticmethod
     def new_segment_path(snapshot: str) -> str:
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", snapshot)[:80]
-        return f"segments/{safe}-{uuid.uuid4().hex[:12]}"
+        return f"segments/{_safe(snapshot)}-{uuid.uuid4().hex[:12]}"
+
+    def orphaned_segments(self, snapshot: str, state: dict) -> list[str]:
+        """Segment folders of ``snapshot`` that ``state`` (index.json) does not list: written by an attempt that
+        died before its commit (tests/test_deploy_faults.py kills one there). Only this snapshot's names match
+        (``<safe name>-<12 hex>``), so other snapshots' segments are never touched."""
+        listed = {seg["path"] for seg in state["segments"]}
+        name = re.compile(rf"segments/{re.escape(_safe(snapshot))}-[0-9a-f]{{12}}")
+        found = {"/".join(p.split("/")[:2]) for p in self.storage.list("segments")}
+        return sorted(f for f in found if name.fullmatch(f) and f not in listed)
 
     def commit(self, snapshot: str, entry: dict, params: dict) -> str | None:
         """Point ``index.json`` at the (already written) segment ``entry["path"]`` for ``snapshot``, in one

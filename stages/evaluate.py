@@ -275,11 +275,16 @@ def series_names(ctx: StageContext, cfg: Config) -> list[str]:
 
 
 def _load(name: str, train, vocab: int):
+    import pickle
+
     from stages.train.checkpoint import load_model
 
     storage, rel = locate_checkpoint(name, train)
     try:
         model, meta = load_model(storage, rel)
+    except pickle.UnpicklingError as e:  # weights_only: anything but tensors and plain containers is refused
+        raise StageError(f"evaluate: checkpoint {storage.url(rel)} is not a plain state dict; refused to unpickle "
+                         f"it ({(str(e).strip().splitlines() or [''])[-1][:200]})") from None
     except FileNotFoundError:
         where = storage.url(rel) if is_uri(name) else train.url()
         have = [] if is_uri(name) else sorted({p.split("/")[1] for p in train.list("checkpoints", suffix="model.pt")})

@@ -405,6 +405,7 @@ class _Members:
         self.raw = b""  # raw bytes not yet given to zlib
         self.last = b""  # the input of the last zlib call (the next member may start inside it)
         self.z, self.pos, self.eof, self.calls, self.broken = None, 0, False, 0, False
+        self.junk = 0  # bytes skipped between members that were neither gzip nor padding
 
     def _more(self) -> bool:
         data = b"" if self.eof else self.f.read(self.chunk)
@@ -425,19 +426,20 @@ class _Members:
             if damaged:  # zlib may raise on the call after the one that took the CRC: the
                 skip = 1 if self.calls == 1 else 0  # next member can start at the input's first byte
                 self.raw, self.last = self.last[skip:] + self.raw, b""
+        count = not damaged  # junk after a damaged member is its rest, not counted again
         while True:
             while len(self.raw) < 4096 and self._more():
                 pass
-            if not self.raw.strip(b"\x00\r\n\t "):  # end of file (or padding)
-                return False
             if self.raw.startswith(_GZIP_MEMBER) and (not damaged or _starts_record(self.raw)):
                 break
             i = self.raw.find(_GZIP_MEMBER, 1)
-            if not damaged:  # junk between members: damage, resynchronise
-                if i < 0 and self.eof:
-                    raise CorruptInput("data after the last gzip member is not gzip")
+            drop = i if i > 0 else len(self.raw) - (0 if self.eof else 2)
+            if self.raw[:drop].strip(b"\x00\r\n\t "):  # not padding: junk; the next member must start a record
+                self.junk += drop if count else 0
                 damaged = True
-            self.raw = self.raw[i:] if i > 0 else self.raw[-2:] if not self.eof else b""
+            self.raw = self.raw[drop:]
+            if not self.raw and self.eof:
+                return False
         self.z, self.pos, self.calls, self.broken = zlib.decompressobj(31), 0, 0, False
         return True
 
@@ -482,12 +484,11 @@ def iter_archive(f, source: str, max_bytes: int, notes: list | None = None):
         return
     members, idx, damaged = _Members(stream), [0], False
     while True:
-        try:
-            if not members.next_member(damaged):
-                return
-        except CorruptInput as e:
-            notes.append(f"after record {idx[0]}: {e}")
-            yield "corrupt_record"
+        more = members.next_member(damaged)
+        if members.junk:
+            notes.append(f"after record {idx[0]}: {members.junk} bytes that are not gzip skipped")
+            members.junk = 0
+        if not more:
             return
         damaged = yield from _member_records(members, source, max_bytes, idx, notes)
 

@@ -149,13 +149,14 @@ CUT = sum(len(gzip.compress(r, 6, mtime=0)) for r in RECORDS[:5]) + 20_000  # in
 WARC_CASES = {
     "truncated_gzip": (lambda: gz(RECORDS)[:CUT], {5, 6, 7, 8, 9}, {"corrupt_record": 1}, 1, {}),
     "flipped_bit_in_a_gzip_member": (lambda: flip_bit(gz(RECORDS), 3), {3}, {"corrupt_record": 1}, 1, {}),
-    "malformed_version_line": (lambda: gz(replace(3, b"WARC/1.0\r\n", b"WARX/9.Z\r\n")), {3},
-                               {"corrupt_record": 1}, 1, {}),
+    "malformed_version_line": (lambda: replace(3, b"WARC/1.0\r\n", b"WARX/9.Z\r\n"), {3}, {"corrupt_record": 1}, 1, {}),
+    "missing_content_length": (lambda: replace(3, b"Content-Length: ", b"Content-Length "), {3}, {"corrupt_record": 1},
+                               1, {}),
     "plain_record_between_gzip_members": (lambda: gz(RECORDS[:4]) + RECORDS[4] + gz(RECORDS[4:]), set(), {}, 1, {}),
-    "header_line_without_colon": (lambda: gz(replace(3, b"WARC-Type: response", b"WARC-Type response")), {3},
+    "header_line_without_colon": (lambda: replace(3, b"WARC-Type: response", b"WARC-Type response"), {3},
                                   {"non_response": 1}, 0, {}),
-    "content_length_too_long": (lambda: gz(content_length(3, 100)), {3}, {"corrupt_record": 1}, 1, {}),
-    "content_length_too_short": (lambda: gz(content_length(3, -100)), {3}, {"corrupt_record": 1}, 1, {}),
+    "content_length_too_long": (lambda: content_length(3, 100), {3}, {"corrupt_record": 1}, 1, {}),
+    "content_length_too_short": (lambda: content_length(3, -100), {3}, {"corrupt_record": 1}, 1, {}),
     "http_404_and_301": (lambda: gz([*RECORDS[:4], response(body(2), "404 Not Found"),
                                      response(b"", "301 Moved Permanently"), *RECORDS[4:]]),
                          set(), {"non_200": 2}, 0, {}),
@@ -169,11 +170,19 @@ WARC_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(WARC_CASES))
-def test_bad_warc_keeps_exactly_the_good_records(tmp_path, clean, case):
+# record-level damage also in an uncompressed WARC (resumes at the next 'WARC/1.0' line)
+PLAIN = ["malformed_version_line", "missing_content_length", "header_line_without_colon", "content_length_too_long",
+         "content_length_too_short"]
+
+
+@pytest.mark.parametrize("case,name", [(c, "bad.warc.gz") for c in WARC_CASES] + [(c, "bad.warc") for c in PLAIN])
+def test_bad_warc_keeps_exactly_the_good_records(tmp_path, clean, case, name):
     make, lost, delta, corrupt_files, added = WARC_CASES[case]
     ref_counts, ref = clean
-    files = {"bad.warc.gz": make()}
+    data = make()
+    if isinstance(data, list):  # records: one gzip member each, or uncompressed
+        data = gz(data) if name.endswith(".gz") else b"".join(data)
+    files = {name: data}
     if case == "zero_length_files":
         files |= {"empty.warc.gz": b"", "empty.jsonl": b"", "empty.parquet": b""}
     t0 = time.perf_counter()
@@ -195,7 +204,7 @@ def test_bad_warc_keeps_exactly_the_good_records(tmp_path, clean, case):
         assert c["files_skipped"] == {"corrupt": 0, "empty": 3, "unreadable": 0} and c["files_in"] == 4
     logs = log_text(tmp_path)
     if corrupt_files:  # one line naming the file and the damaged record
-        (line,) = [ln for ln in logs.splitlines() if "bad.warc.gz" in ln and "corrupt" in ln]
+        (line,) = [ln for ln in logs.splitlines() if name in ln and "corrupt" in ln]
         n = delta.get("corrupt_record", 0)
         assert "corrupt file" in line and f" {n} damaged records skipped" in line and re.search(r"record \d+", line)
     if case == "page_50mb_single_line":  # skipped by its declared length: never read whole, never extracted

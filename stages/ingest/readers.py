@@ -22,9 +22,11 @@ where warcio's own decompression ends the iteration early or only prints to stde
 gzip that warcio rejects); each archive record is read to its end and checked against its declared length, and
 must be followed by nothing but blank lines. Damage makes the record it hit a ``corrupt_record`` skip and the
 file one ``corrupt`` file skip (one log line naming the file and the first damaged records); reading resumes at
-the next intact gzip member, so every good record of a per-record-gzipped file is kept (a bit flip, a malformed
-header or a wrong Content-Length loses exactly the record it hit). In an uncompressed file or a whole-file gzip
-the records before the damage are kept and the rest is skipped. A file that cannot be opened is an
+the next intact gzip member (an uncompressed WARC: at the next 'WARC/1.x' line, searched from just after the
+damaged record's start in the last 1 MB read), so every good record of the file is kept: a bit flip, a malformed
+header, a missing or wrong Content-Length loses exactly the record it hit. Bytes between gzip members that are
+not gzip are skipped with a note. In an uncompressed ARC or a whole-file gzip the records before the damage are
+kept and the rest is skipped. A file that cannot be opened is an
 ``unreadable`` file skip. A page whose HTTP Content-Encoding cannot be decoded (warcio only prints that) is
 ``undecodable``.
 
@@ -473,14 +475,20 @@ def iter_archive(f, source: str, max_bytes: int, notes: list | None = None):
     Gzipped files are read member by member (``_Members``): damage (bad gzip data or CRC, a truncated member, a
     record header warcio cannot parse, a record shorter or longer than its Content-Length) makes the records of
     that member ``corrupt_record`` and reading resumes at the next intact member, so every good record of the
-    file is kept. Uncompressed files cannot be resynchronised: damage ends them (the records before are kept).
-    A message per damage goes to ``notes``."""
+    file is kept. An uncompressed WARC resumes at the next 'WARC/1.x' line after the damage (``_next_warc_header``);
+    an uncompressed ARC or a whole-file gzip ends at the damage (the records before it are kept). A message per
+    damage goes to ``notes``."""
     notes = notes if notes is not None else []
     head = f.read(2)
     stream = _Head(head, f)
     if head != b"\x1f\x8b":
-        if (yield from _member_records(stream, source, max_bytes, [0], notes)):
-            notes.append("rest of the file skipped (uncompressed: no boundary to resume at)")
+        tail, idx, its, base = _Tail(stream), [0], [], 0
+        stream = tail
+        while (yield from _member_records(stream, source, max_bytes, idx, notes, its=its, resumed=bool(base))):
+            it = its[-1]  # resume after the start of the last record parsed (damaged or not)
+            stream, base = _next_warc_header(tail, base + getattr(it, "kiln_offset", 0) + 1)
+            if stream is None:
+                return
         return
     members, idx, damaged = _Members(stream), [0], False
     while True:
@@ -493,18 +501,64 @@ def iter_archive(f, source: str, max_bytes: int, notes: list | None = None):
         damaged = yield from _member_records(members, source, max_bytes, idx, notes)
 
 
-def _member_records(stream, source: str, max_bytes: int, idx: list, notes: list, hold: int = 1):
+_WARC_LINE = re.compile(rb"(?:^|\n)(WARC/1\.[01]\r?\n)")
+
+
+class _Tail:
+    """A read-only stream that keeps the last ``keep`` bytes read (at least), to search them again after damage."""
+
+    def __init__(self, f, keep: int = 1 << 20):
+        self.f, self.keep, self.buf, self.pos = f, keep, bytearray(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.buf += data
+        self.pos += len(data)
+        if len(self.buf) > 2 * self.keep:
+            del self.buf[: len(self.buf) - self.keep]
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def since(self, offset: int) -> bytes:
+        """The bytes from absolute ``offset`` (or the oldest kept) to what has been read."""
+        first = self.pos - len(self.buf)
+        return bytes(self.buf[max(offset, first) - first:])
+
+
+def _next_warc_header(tail: _Tail, offset: int, chunk: int = 1 << 16):
+    """After damage in an uncompressed WARC: (a stream from the first 'WARC/1.0' (or 1.1) line at or after absolute
+    ``offset``, that line's absolute offset), or (None, 0) at the end of the file. Searches the bytes already read
+    (a Content-Length too long reads into the next record: its header line is there), then reads on."""
+    buf, start = tail.since(offset), max(offset, tail.pos - len(tail.buf))
+    while True:
+        if m := _WARC_LINE.search(buf):
+            return _Head(buf[m.start(1):], tail), start + m.start(1)
+        data = tail.read(chunk)
+        if not data:
+            return None, 0
+        start += max(len(buf) - 12, 0)
+        buf = buf[-12:] + data
+
+
+def _member_records(stream, source: str, max_bytes: int, idx: list, notes: list, hold: int = 1,
+                    its: list | None = None, resumed: bool = False):
     """Outcomes of the records of one gzip member (or of a whole uncompressed stream); returns True on damage.
     Each outcome is held back until the next record header parses or the member ends intact (nothing but blank
     lines after the record; with one record per member, its CRC checked): junk after a record means a wrong
     Content-Length and makes it ``corrupt_record``, gzip damage makes the held ones ``corrupt_record``. ``hold``
-    is 1 (memory: one document); the records of a whole-file gzip (one member) are released before its CRC."""
+    is 1 (memory: one document); the records of a whole-file gzip (one member) are released before its CRC.
+    ``resumed``: the stream starts where an uncompressed WARC was resynchronised (its first header, if broken, is
+    the record already counted as damaged). ``its`` receives the warcio iterator."""
     from warcio.archiveiterator import ArchiveIterator
 
     import zlib
 
     it = ArchiveIterator(stream, arc2warc=True)
-    records, held = iter(it), []
+    records, held, parsed = iter(it), [], False
+    if its is not None:
+        its.append(it)
 
     def note(e: Exception, at: int):
         notes.append(f"record {at}: {one_line(e)}")
@@ -519,13 +573,15 @@ def _member_records(stream, source: str, max_bytes: int, idx: list, notes: list,
             with _warcio_stderr():
                 record = next(records, None)
         except Exception as e:  # bad header, junk after a record, gzip damage
-            note(e, idx[0] + len(held) + 1)
+            junk = it.err_count > before and held
+            note(e, idx[0] + len(held) + (0 if junk else 1))
             if isinstance(e, (zlib.error, EOFError)):  # the CRC covers the member: none of it is sure
                 yield from flush(["corrupt_record"] * max(len(held), 1))
-            elif it.err_count > before and held:  # junk after the last record: its Content-Length is wrong
+            elif junk:  # junk after the last record: its Content-Length is wrong
                 yield from flush([*held[:-1], "corrupt_record"])
             else:  # a record whose header cannot be parsed (at the file's start: not an archive, a file skip only)
-                yield from flush([*held, "corrupt_record"] if idx[0] or held else [])
+                counted = not parsed and (resumed or not idx[0])
+                yield from flush([*held] if counted else [*held, "corrupt_record"])
             return True
         if it.err_count > before and held:  # the last record was not followed by a blank line: what follows
             notes.append(f"record {idx[0] + len(held)}: not followed by a blank line (wrong Content-Length?)")
@@ -534,7 +590,10 @@ def _member_records(stream, source: str, max_bytes: int, idx: list, notes: list,
         if record is None:
             yield from flush(held)
             return False
+        it.kiln_offset, parsed = it.offset, True  # where this record starts in the stream (for resynchronising)
         try:
+            if not hasattr(record.raw_stream, "limit"):  # no Content-Length: warcio would read to the end of file
+                raise CorruptInput("no Content-Length")
             with _warcio_stderr() as err:  # warcio reports a broken HTTP Content-Encoding only there
                 out = archive_record(record, source, idx[0] + len(held), max_bytes)
             if err.getvalue() and not isinstance(out, str):

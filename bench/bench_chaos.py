@@ -31,6 +31,7 @@ JSONL, or the shard's Parquet ``id`` column) equal as a multiset: none lost, non
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
@@ -190,12 +191,16 @@ def run_cli(stage: str, store: Path, over: dict, kill_after: float | None = None
     return {"wall": wall, "killed": killed, "rc": rc, "orphans": orphans}
 
 
-def rerun(stage: str, store: Path, over: dict) -> dict:
+def rerun(stage: str, store: Path, over: dict, log: Path | None = None) -> dict:
+    """``run_stage`` in this process; ``log``: its stderr (datatrove's task logs, the lock takeover) goes there."""
     from stages.core.config import load_config
     from stages.core.runner import run_stage
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides=over)
-    return run_stage(stage, cfg, str(store), RUN_ID)
+    if log is None:
+        return run_stage(stage, cfg, str(store), RUN_ID)
+    with open(log, "w") as f, contextlib.redirect_stderr(f):
+        return run_stage(stage, cfg, str(store), RUN_ID)
 
 
 def reset(trial: Path, src: Path) -> None:
@@ -220,7 +225,7 @@ def build(over: dict, say=print) -> dict:
     shutil.copytree(trial, WORK / "reference")
     for stage in DATA_STAGES:  # a second, uninterrupted run: what differs by design
         reset(trial, WORK / "pre" / stage)
-        m = rerun(stage, trial, over)
+        m = rerun(stage, trial, over, log=WORK / "rerun.log")
         ref[stage]["varies"] = sorted(k for k, v in outputs(m).items() if ref[stage]["outputs"].get(k) != v)
         say(f"  {stage:9s} reference {ref[stage]['wall']:.2f} s (lock to exit), {len(m['outputs'])} outputs, "
             f"{sum((ref[stage]['ids'] or Counter()).values())} documents; differ between identical runs: "
@@ -259,14 +264,15 @@ def trials(n: int, seed: int = 0, over: dict | None = None, stages: list[str] | 
                "manifest_after_kill": manifest(trial, stage) is not None,
                "visible": visible_problems(trial, stage)}
         try:
-            m = rerun(stage, trial, over)
+            m = rerun(stage, trial, over, log=WORK / "rerun.log")
             rec.update(compare(stage, trial, m, ref[stage]), refused="")
         except RunLocked as e:
             rec.update(byte_identical=False, identical=False, diff=[], lost=0, doubled=0, refused=str(e))
         ok = rec["identical"] and not (rec["visible"] or rec["refused"] or rec["orphans"] or rec["lost"]
                                        or rec["doubled"])
         if not ok:
-            shutil.copy(WORK / "killed.log", WORK / f"failed-{i}.log")
+            for name in ("killed", "rerun"):
+                shutil.copy(WORK / f"{name}.log", WORK / f"failed-{i}-{name}.log")
         say(f"  trial {i:3d} {stage:9s} w{workers} kill at {delay:6.2f} s{'' if k['killed'] else ' (already done)'}: "
             f"{'ok' if ok else 'FAILED'}{'' if ok else ' ' + json.dumps({x: rec[x] for x in ('visible', 'refused', 'diff', 'lost', 'doubled', 'orphans')})}")
         recs.append(rec)
@@ -286,10 +292,6 @@ def trials(n: int, seed: int = 0, over: dict | None = None, stages: list[str] | 
 
 
 def run(n: int = 100, seed: int = 0) -> dict:
-    from datatrove.utils.logging import logger
-
-    logger.remove()  # the in-process re-runs' datatrove logs (the killed runs' go to _work/chaos/killed.log)
-    logger.add(sys.stderr, level="WARNING")
     res = trials(n, seed)
     t = res["totals"]
     (WORK / "trials.json").write_text(json.dumps(res, indent=1))

@@ -54,6 +54,12 @@ def _fields(model, prefix=""):
 
 
 def test_config_schema_has_no_secret_fields_and_refuses_them():
+    """No profile key can hold a credential; S3 clients get only endpoint/retry options from Kiln (credentials:
+    botocore's chain: environment, shared files, instance roles)."""
+    from stages.core.storage import _s3_options
+
+    assert not {"key", "secret", "token", "anon", "profile"} & set(_s3_options())
+    assert not {"aws_access_key_id", "aws_secret_access_key"} & set(_s3_options().get("client_kwargs", {}))
     keys = list(_fields(kiln_model()))
     assert len(keys) > 150 and "evaluate.sets.name" in keys and "ingest.common_crawl.base_url" in keys
     # filter.pii.secrets: a switch (bool) for redacting secrets found in documents, not a secret
@@ -89,7 +95,8 @@ def test_shipped_files_hold_no_credentials():
 def _forms(secret: str) -> list[bytes]:
     """The secret as it could leak: raw, URL-encoded, JSON-escaped, and base64 at each of the 3 alignments."""
     raw = secret.encode()
-    out = {raw, urllib.parse.quote(secret, safe="").encode(), urllib.parse.quote_plus(secret).encode(),
+    out = {raw, urllib.parse.quote(secret, safe="").encode(), urllib.parse.quote(secret).encode(),
+           urllib.parse.quote_plus(secret).encode(),
            json.dumps(secret).encode()[1:-1]}
     for shift in range(3):
         enc = base64.b64encode(b"\0" * shift + raw)
@@ -127,6 +134,9 @@ def test_s3_run_leaks_no_credentials(tmp_path, s3_bucket):
     manifest = json.loads(objects["artifacts/sec/ingest/manifest.json"])
     assert manifest["counts"]["html_pages"] == 10  # the run really read the bucket with these credentials
     local = {str(p): p.read_bytes() for p in scratch.rglob("*") if p.is_file()}
+    for wrap in (lambda b: b, lambda b: base64.b64encode(b"x" + b), lambda b: base64.b64encode(b"xy" + b),
+                 lambda b: urllib.parse.quote(b"k=" + b).encode()):  # the scan finds each form (control)
+        assert any(form in wrap(secret.encode()) for form in _forms(secret))
     blobs = {**objects, **local, **{f"captured[{i}]": b for i, b in enumerate(captured)}}
     for label, data in blobs.items():
         if label.endswith(".gz"):

@@ -35,7 +35,7 @@ def test_kill9_inside_data_stages_leaves_nothing_partial_and_reruns_match(tmp_pa
                       "json": {r: bc.untimed_json(trial, stage, r) for r in bc.outputs(m) if r.endswith(".json")}}
     assert sum(ref["shard"]["ids"].values()) > 10
 
-    rng, killed, seen = random.Random(9), 0, Counter()
+    rng, killed, stale, seen = random.Random(9), 0, 0, Counter()
     for i in range(10):
         stage = STAGES[i % len(STAGES)]
         delay = rng.uniform(0, 1) * ref[stage]["wall"]  # in-process time: the CLI's is longer (imports after the lock)
@@ -44,10 +44,12 @@ def test_kill9_inside_data_stages_leaves_nothing_partial_and_reruns_match(tmp_pa
         killed += k["killed"]
         assert k["orphans"] == 0, f"trial {i} {stage}: processes of the killed group left"
         assert bc.visible_problems(trial, stage) == [], f"trial {i} {stage} killed at {delay:.2f} s"
+        stale += (trial / bc.RUN_ID / ".lock.json").exists()  # the dead holder's lock, left behind
         m = bc.rerun(stage, trial, OVER)  # RunLocked here would be a stale lock refusing the re-run
         c = bc.compare(stage, trial, m, ref[stage])
         assert c["identical"], f"trial {i} {stage}: outputs differ from the reference: {c['diff']}"
         assert c["lost"] == 0 and c["doubled"] == 0, f"trial {i} {stage}: {c}"
         seen[stage] += 1
     assert killed >= 5, f"only {killed} of 10 kills landed before the stage finished"
+    assert stale >= 5  # ... and every re-run above took it over
     assert len(seen) == len(STAGES)

@@ -157,6 +157,33 @@ def shard_outputs(s3: dict) -> list[dict] | None:
     return st.read_json("shard/manifest.json")["outputs"] if st.exists("shard/manifest.json") else None
 
 
+def test_storage_retries_connection_errors_not_4xx(s3, monkeypatch):
+    """A missing object (404) fails at once; an unreachable endpoint is retried through the window, then
+    StorageUnavailable (a ConnectionError: Prefect's retry rule still sees it as transient) names endpoint and
+    bucket."""
+    from flows.params import is_transient
+    from stages.core.storage import StorageUnavailable
+
+    monkeypatch.setenv("KILN_S3_ATTEMPTS", "1")
+    monkeypatch.setenv("KILN_STORAGE_RETRY_S", "2")
+    st = Storage(s3["store"]).sub(RUN)
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        st.read_bytes("no/such/object")
+    assert time.monotonic() - t0 < 1.5
+    s3["proxy"].stop()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StorageUnavailable) as e:
+            st.read_bytes("tokenizer/manifest.json")
+        assert 1.0 < time.monotonic() - t0 < 10
+    finally:
+        s3["proxy"].start()
+    assert s3["proxy"].url in str(e.value) and f"bucket {s3['bucket']}" in str(e.value)
+    assert is_transient(e.value)
+    assert st.read_json("tokenizer/manifest.json") == s3["tokenizer"]  # back
+
+
 def test_s3_outage_mid_stage_is_retried_and_the_run_completes(s3):
     """The endpoint disappears right after the shard stage took its lock and comes back 3 s later: the stage
     waits it out (botocore standard retries + Storage retries) and writes the same outputs as an uninterrupted

@@ -6,7 +6,7 @@ Every artifact of a run lives under ``<root>/<run_id>/<stage>/``. S3 uses the st
 Outages. Stages also run without Prefect (``kiln stage``), so storage retries by itself, in two layers:
 every S3 request (also datatrove's streams, which use the filesystem directly) goes through botocore's
 "standard" retry mode, $KILN_S3_ATTEMPTS attempts (default 8, backoff rand x 2^n s capped at 20 s) on
-connection errors, timeouts, throttling and 5xx, never on 4xx; and each ``Storage`` operation is retried whole
+connection errors, timeouts, throttling and 5xx, never on 4xx; and each remote ``Storage`` operation is retried whole
 (idempotent: a PUT, a GET, a listing, a delete) with backoff 0.5 s doubling to 16 s while the same errors last,
 for at most $KILN_STORAGE_RETRY_S seconds (default 120). Then ``StorageUnavailable`` names the endpoint and
 bucket. Measured with moto_server behind a TCP proxy that is stopped and restarted (tests/test_faults.py): a
@@ -86,7 +86,8 @@ def transient(exc: BaseException | None, _depth: int = 0) -> bool:
 
 
 def _retrying(op):
-    """Retry a whole Storage operation on transient errors with backoff, for at most $KILN_STORAGE_RETRY_S."""
+    """Retry a whole remote Storage operation on transient errors with backoff, for at most $KILN_STORAGE_RETRY_S
+    (local storage: no retry)."""
 
     @functools.wraps(op)
     def wrapper(self, *args, **kwargs):
@@ -97,7 +98,7 @@ def _retrying(op):
             try:
                 return op(self, *args, **kwargs)
             except Exception as e:
-                if not transient(e):
+                if self.is_local or not transient(e):  # a local EBUSY or EAGAIN is no network hiccup
                     raise
                 waited = time.monotonic() - t0
                 if waited + delay > window:
@@ -108,8 +109,7 @@ def _retrying(op):
                         f"visible: re-run the same command once it is back (completed stages are skipped)") from e
                 log.warning("storage %s: %s failed (%s: %s), retry %d in %.1f s", self.uri, op.__name__,
                             type(e).__name__, e, attempt, delay)
-                if not self.is_local:
-                    self.fs.invalidate_cache()
+                self.fs.invalidate_cache()
                 time.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 16.0)
 

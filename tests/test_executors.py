@@ -142,6 +142,10 @@ def test_ray_writes_the_local_executors_bytes(local_run, ray_cluster, runs):
     ray_run = runs("ray", {"run.executor": {"kind": "ray", "ray": {"address": ray_cluster}}})
     print(f"data stages on Ray: {time.time() - t0:.1f} s")
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
+    from ray._private.state import actors  # the GCS actor table (a developer API; no dashboard needed)
+
+    workers = [a for a in actors().values() if a["ActorClassName"].endswith("RankWorker")]
+    assert len({a["Address"]["NodeID"] for a in workers}) == 2  # datatrove's tasks ran on both nodes
     for stage in DATA_STAGES:
         if stage != "tokenizer":  # not a datatrove stage: runs here both times (its stats.json holds seconds)
             assert sums(ray_run[stage]) == sums(local_run[stage]), stage

@@ -69,7 +69,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Chunks of ``chunk`` rows: logits in the compute dtype (bf16 under autocast), softmax in fp32, and the
     gradients of h and w (softmax − one-hot, over the valid count) computed right away, so only one chunk of
-    logits is alive at a time. Same numbers as the plain path in fp32 (tests/test_model.py)."""
+    logits is alive at a time. One exp per logit serves both the log-sum-exp and the softmax (logsumexp then
+    exp(logits − lse) took two): compiled step 3–6% less CPU time on the bench shape (1 thread, A/B
+    interleaved; a single matmul for the head's gradient from all chunks instead was 14% slower). Same numbers as the plain path in fp32 (tests/test_model.py)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
@@ -85,10 +87,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h.size(0), chunk):
                 hc, yc, vc = hc_all[s: s + chunk], yy[s: s + chunk], valid[s: s + chunk]
                 logits = (hc @ wc.T).float()  # (n, V)
-                lse = logits.logsumexp(-1)  # (n,)
+                m = logits.amax(-1, keepdim=True)  # (n, 1)
+                e = (logits - m).exp()  # (n, V): the one exp per logit, shared by the loss and its gradient
+                z = e.sum(-1, keepdim=True)  # (n, 1)
+                lse = (m + z.log()).squeeze(1)  # (n,)
                 total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
                 onehot = torch.arange(logits.size(1), device=h.device) == yc[:, None]  # (n, V), fused, no scatter
-                g = ((logits - lse[:, None]).exp() - onehot.float()).mul((vc / n).unsqueeze(1)).to(dt)  # d loss/d logits
+                g = (e / z - onehot.float()).mul((vc / n).unsqueeze(1)).to(dt)  # d loss/d logits = softmax − one-hot
                 gh[s: s + chunk] = g @ wc
                 gw += (g.T @ hc).float()
         ctx.save_for_backward(gh.to(h.dtype), gw.to(w.dtype))

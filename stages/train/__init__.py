@@ -18,6 +18,7 @@ import collections
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from typing import Literal
 from pydantic import Field
 
 from stages.core.config import Strict
-from stages.core.runner import StageContext, StageError, StageResult
+from stages.core.runner import StageContext, StageError, StageResult, stage_progress
 
 log = logging.getLogger("kiln.train")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -176,6 +177,9 @@ def launch(spec: dict, nproc: int, workdir: str, timeout_s: int = 0,
         for raw in stream:
             line = raw.rstrip("\n")
             lines.append(line)
+            step = re.match(r"\[train\] step (\d+)/(\d+) ", line)  # "[train] step 12/30 loss ...": progress artifact
+            if step:
+                stage_progress(int(step[1]), int(step[2]), "steps")
             if is_err:
                 tail.append(line)
             log.info("%s", line)

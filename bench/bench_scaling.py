@@ -17,12 +17,15 @@ wall_time_s; the tokenizer stage runs between reweight and shard but trains on a
 reported beside, not in the sum), s per MB of .warc.gz input, the ratio to the linear prediction
 (scale x the 1x time), a least-squares fit wall = fixed + per_MB x MB; the same for CPU seconds (utime + stime
 of this process and every descendant, sampled from /proc: on a machine shared with other jobs wall time follows
-their load, CPU time much less); and the peak RSS of any worker process (VmHWM of every descendant process,
-sampled every 0.2 s while the stages run: datatrove's pool workers, its Manager and forkserver; the kernel keeps
-the high-water mark, so short peaks between samples are not lost). In-process shortcuts for small inputs are off
-(dedup / shard ``inprocess_below_mb: 0``) so every scale takes the same path; the cross-snapshot dedup index is
-off (each scale is its own corpus). Per stage, the marginal CPU seconds per MB between 1x and 4x (fixed
-start-up costs cancel) give the cost model's CPU-hours per TB of .warc.gz.
+their load, CPU time much less); the peak RSS of any worker process (VmHWM of every descendant process,
+sampled every 0.2 s while the stages run: datatrove's forkserver and its pool workers; the kernel keeps the
+high-water mark, so short peaks between samples are not lost; forks of the stage-running process itself,
+datatrove's Manager, are left out: their RSS is that process's pages, a first run counted them and saw the
+"workers" grow with the parent); and the peak RSS of the process running the stages. Each scale runs in a
+process of its own (a Python process keeps the memory it took, so one process would carry 1x's peak into 4x).
+In-process shortcuts for small inputs are off (dedup / shard ``inprocess_below_mb: 0``) so every scale takes the
+same path; the cross-snapshot dedup index is off (each scale is its own corpus). Per stage, the marginal CPU
+seconds per MB between 1x and 4x (fixed start-up costs cancel) give the cost model's CPU-hours per TB of .warc.gz.
 
 Goal: wall (and CPU) <= 1.1x the linear prediction at 2x and 4x, and flat peak worker RSS (streaming stages;
 only the dedup cluster step holds a per-document table, 152 B/doc).
@@ -142,6 +145,7 @@ class ProcWatch:
         self.stage_hwm_kb = self.stage_anon_kb = 0
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._tick = os.sysconf("SC_CLK_TCK")
+        self._me = open(f"/proc/{os.getpid()}/cmdline", "rb").read()
 
     def _stats(self) -> dict[int, list[str]]:
         out = {}
@@ -167,6 +171,8 @@ class ProcWatch:
                 key = (pid, f[19])  # starttime: a reused pid is another process
                 self._cpu[key] = (int(f[11]) + int(f[12])) / self._tick  # utime + stime
                 try:
+                    if open(f"/proc/{pid}/cmdline", "rb").read() == self._me:
+                        continue  # a fork of this process (datatrove's Manager): its RSS is this process's pages
                     st = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if line.startswith("Vm")
                               or line.startswith("Rss"))
                 except OSError:
@@ -218,6 +224,7 @@ def run_scale(scale: int) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     wall = sum(ms[s]["wall_time_s"] for s in DATA)
     return {"scale": scale, "mb": mb, "files": len(files), "wall": wall, "peak_mb": rss.peak_kb / 1024,
+            "driver_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "cpu": sum(cpu[s] for s in DATA), "stage_cpu": {s: cpu[s] for s in DATA}, "stage_mem": mem,
             "tokenizer_s": ms["tokenizer"]["wall_time_s"], "stage_s": {s: ms[s]["wall_time_s"] for s in DATA},
             "docs": {s: ms[s]["counts"].get("documents_out") for s in DATA},
@@ -225,12 +232,22 @@ def run_scale(scale: int) -> dict:
 
 
 def run() -> dict:
+    import json
+    import subprocess
+    import tempfile
+
     rows = []
     for scale in SCALES:
-        rows.append(run_scale(scale))
+        inputs(scale)  # build missing copies here, outside the measured process
+        # one process per scale: the stage-running process's own peak RSS is measured per scale (memory a Python
+        # process took is not given back, so a shared process would carry the largest scale's peak forward)
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([sys.executable, __file__, "--scale", str(scale), "--out", f.name], check=True)
+            rows.append(json.load(open(f.name)))
         r = rows[-1]
         print(f"  {scale}x: {r['mb']:.1f} MB in, {r['docs']['ingest']} docs, {r['wall']:.1f} s, "
-              f"{r['cpu']:.1f} CPU-s, peak worker RSS {r['peak_mb']:.0f} MB", flush=True)
+              f"{r['cpu']:.1f} CPU-s, peak worker RSS {r['peak_mb']:.0f} MB, stage process {r['driver_mb']:.0f} MB, "
+              f"{r['tokens']} tokens", flush=True)
     base = rows[0]
     n = len(rows)
 
@@ -241,13 +258,13 @@ def run() -> dict:
 
     (fixed, slope), (cfixed, cslope) = fit("wall"), fit("cpu")
     print(f"\n{'scale':>5} {'input MB':>9} {'docs in':>8} {'docs out':>9} {'wall s':>7} {'s/MB':>6} "
-          f"{'vs linear':>9} {'CPU s':>7} {'CPU vs lin':>10} {'peak RSS MB':>11}")
+          f"{'vs linear':>9} {'CPU s':>7} {'CPU vs lin':>10} {'peak RSS MB':>11} {'driver MB':>9}")
     for r in rows:
         r["ratio"] = r["wall"] / (base["wall"] * r["scale"])
         r["cpu_ratio"] = r["cpu"] / (base["cpu"] * r["scale"])
         print(f"{r['scale']:>4}x {r['mb']:>9.1f} {r['docs']['ingest']:>8} {r['docs']['shard']:>9} {r['wall']:>7.1f} "
               f"{r['wall'] / r['mb']:>6.2f} {r['ratio']:>9.2f} {r['cpu']:>7.1f} {r['cpu_ratio']:>10.2f} "
-              f"{r['peak_mb']:>11.0f}")
+              f"{r['peak_mb']:>11.0f} {r['driver_mb']:>9.0f}")
     print(f"fit: wall = {fixed:.1f} s + {slope:.2f} s/MB x MB; CPU = {cfixed:.1f} s + {cslope:.2f} s/MB x MB")
     for r in rows:
         print(f"  {r['scale']}x per stage, wall s / CPU s: " + ", ".join(
@@ -259,6 +276,7 @@ def run() -> dict:
                                                                           for r in rows))
     print("documents out per stage: " + "; ".join(f"{r['scale']}x {r['docs']}" for r in rows))
     peak_growth = max(r["peak_mb"] for r in rows) / base["peak_mb"]
+    driver_growth = max(r["driver_mb"] for r in rows) / base["driver_mb"]
     top = rows[-1]
     figs = {
         "scaling.linear_ok": {"value": int(all(r["ratio"] <= 1.1 for r in rows)), "unit": "bool",
@@ -273,6 +291,8 @@ def run() -> dict:
                              "what": "data stages: marginal seconds per MB of .warc.gz (fit over 1x/2x/4x), 2 workers"},
         "scaling.peak_rss_growth": {"value": round(peak_growth, 2), "unit": "x",
                                     "what": "peak worker RSS, largest scale / 1x (flat = 1)"},
+        "scaling.stage_process_rss_growth": {"value": round(driver_growth, 2), "unit": "x",
+                                             "what": "peak RSS of the stage-running process, largest scale / 1x"},
     }
     for r in rows:
         s = r["scale"]
@@ -287,11 +307,13 @@ def run() -> dict:
                                                "what": f"{s}x CPU seconds / ({s} x the 1x CPU seconds)"}
         figs[f"scaling.{s}x.peak_worker_rss_mb"] = {"value": round(r["peak_mb"]), "unit": "MB",
                                                     "what": f"peak RSS of any worker process, {s}x"}
+        figs[f"scaling.{s}x.stage_process_rss_mb"] = {"value": round(r["driver_mb"]), "unit": "MB",
+                                                      "what": f"peak RSS of the process running the stages, {s}x"}
         figs[f"scaling.{s}x.docs_in"] = {"value": r["docs"]["ingest"], "unit": "docs",
                                          "what": f"documents out of ingest, {s}x"}
     figs["scaling.top.mb_per_cpu_hour"] = {
-        "value": round(top["mb"] / (top["wall"] * 2 / 3600)), "unit": "MB/CPU-h",
-        "what": f"{top['scale']}x: .warc.gz MB per CPU-hour through the data stages (2 cores)"}
+        "value": round(top["mb"] / (top["cpu"] / 3600)), "unit": "MB/CPU-h",
+        "what": f"{top['scale']}x: .warc.gz MB per CPU-hour through the data stages (measured CPU seconds)"}
     # per stage: marginal seconds per MB between 1x and the largest scale (pool start-ups cancel out), and the
     # CPU-hours per TB of .warc.gz they imply with both cores busy (the cost model's numbers)
     dmb = top["mb"] - base["mb"]
@@ -305,11 +327,17 @@ def run() -> dict:
                                                      " per TB"}
         figs[f"scaling.{top['scale']}x.{s}_s"] = {"value": top["stage_s"][s], "unit": "s",
                                                   "what": f"{s} stage, {top['scale']}x sample crawl"}
-    print(f"driver peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return figs
 
 
 if __name__ == "__main__":
+    if "--scale" in sys.argv:
+        import json
+
+        row = run_scale(int(sys.argv[sys.argv.index("--scale") + 1]))
+        with open(sys.argv[sys.argv.index("--out") + 1], "w") as f:
+            json.dump(row, f)
+        sys.exit(0)
     t0 = time.time()
     for k, v in run().items():
         print(f"{k}: {v['value']} {v['unit']}  ({v['what']})")

@@ -259,23 +259,64 @@ def test_malicious_pickle_in_a_checkpoint_is_refused(tmp_path):
     assert marker.is_dir()
 
 
-@pytest.mark.xfail(strict=True, reason="stages/train/checkpoint.load_state resumes through torch.distributed."
-                   "checkpoint, which reads the state folder's .metadata with pickle.load (torch 2.13 filesystem.py): "
-                   "a crafted state folder in the run's storage runs code. Reported to the train owner.")
-def test_malicious_training_state_is_refused(tmp_path):
-    import types
-
+def _tiny_training(tmp_path):
     import torch
 
-    from stages.train.checkpoint import MARKER, STATE_DIR, load_state, step_dir
     from stages.train.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, seq_len=16))
+    return model, torch.optim.AdamW(model.parameters())
+
+
+def test_malicious_training_state_is_refused(tmp_path):
+    """A state folder whose .metadata would run code when unpickled (DCP's FileSystemReader: plain pickle.load):
+    load_state's restricted reader refuses it with an error naming the file and the global it wanted, and the
+    payload never runs; the same bytes through DCP's own reader do run it (the file really is a payload)."""
+    import types
+
+    import torch.distributed.checkpoint as dcp
+
+    from stages.train.checkpoint import MARKER, STATE_DIR, load_state, step_dir
 
     marker = tmp_path / "pwned"
     out = Storage(str(tmp_path / "train"))
     out.write_bytes(f"{step_dir(5)}/{STATE_DIR}/.metadata", pickle.dumps(_Payload(str(marker))))
     out.write_json(f"{step_dir(5)}/{MARKER}", {"step": 5})
-    model = GPT(GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, seq_len=16))
-    opt = torch.optim.AdamW(model.parameters())
-    with pytest.raises(BaseException):  # noqa: B017 - DCP's CheckpointException is a BaseException
+    model, opt = _tiny_training(tmp_path)
+    with pytest.raises(pickle.UnpicklingError, match=r"^training state .*/load_000005_rank0/\.metadata refers to "
+                                                     r"os\.makedirs, not a torch\.distributed\.checkpoint metadata "
+                                                     r"type: refused to unpickle it$"):
         load_state(out, 5, model, opt, types.SimpleNamespace(rank=0, world=1), str(tmp_path / "staging"))
     assert not marker.exists()
+    with pytest.raises(BaseException):  # noqa: B017 - DCP's own reader runs it (then fails: not Metadata)
+        dcp.FileSystemReader(str(tmp_path / "train" / step_dir(5) / STATE_DIR)).read_metadata()
+    assert marker.is_dir()
+
+
+def test_malicious_item_in_a_training_state_is_refused(tmp_path):
+    """Valid metadata, but a non-tensor item (the optimizer's lr) is a pickled payload: DCP's DefaultLoadPlanner
+    reads such items with torch.load(weights_only=False); load_state's planner loads them weights_only and the
+    payload never runs. Positive control: DCP's default planner on the same folder runs it."""
+    import types
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from stages.train.checkpoint import MARKER, STATE_DIR, load_state, step_dir
+
+    marker = tmp_path / "pwned"
+    model, opt = _tiny_training(tmp_path)
+    msd, osd = get_state_dict(model, opt)
+    osd["param_groups"][0]["lr"] = _Payload(str(marker))
+    folder = tmp_path / "train" / step_dir(5) / STATE_DIR
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    assert not marker.exists()
+    out = Storage(str(tmp_path / "train"))
+    out.write_json(f"{step_dir(5)}/{MARKER}", {"step": 5})
+    model, opt = _tiny_training(tmp_path)
+    with pytest.raises(BaseException, match="Weights only load failed"):  # noqa: B017 - DCP's CheckpointException
+        load_state(out, 5, model, opt, types.SimpleNamespace(rank=0, world=1), str(tmp_path / "staging"))
+    assert not marker.exists()
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    assert marker.is_dir()

@@ -533,3 +533,42 @@ def test_two_nodes_equal_one_two_rank_node(upstream, two_rank):
     assert again["final_loss"] == m["metrics"]["final_loss"] and again["steps"] == 30
     with pytest.raises(StageError, match="join_node"):  # node 1 is never a stage run
         run_stage("train", load_tiny(None, {**base, "train.node_rank": 1}), storage, "nodes", force=True)
+
+
+def test_real_states_load_through_the_restricted_reader(upstream, two_rank, fsdp_two, tmp_path):
+    """Every complete training state the tests of this module wrote (at least 2-rank DDP and FSDP2; 1-rank DDP
+    and FSDP2 too when the whole module runs) loads in one process through load_state's restricted reader and
+    weights_only planner: the weights equal the model.pt snapshot of that step, AdamW's moments and step count
+    and the param_groups' lr (a non-tensor item) come back. Each .metadata names only globals of
+    METADATA_GLOBALS, and the non-dtype ones are exactly the set recorded in checkpoint.py."""
+    import pickle
+    import types
+
+    from stages.train.checkpoint import METADATA_GLOBALS, complete_states, load_model, load_state, step_dir
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            seen.add((module, name))
+            return super().find_class(module, name)
+
+    storage, seen, loaded = upstream[0], set(), set()
+    for run_id in sorted(os.listdir(storage)):
+        out = Storage(storage).sub(run_id, "train")
+        for step, marker in complete_states(out) if out.exists("checkpoints") else []:
+            Recorder(io.BytesIO(out.read_bytes(f"{step_dir(step)}/state/.metadata"))).load()
+            ref, meta = load_model(out, step_dir(step))
+            model, _ = load_model(out, step_dir(step))
+            for p in model.parameters():
+                torch.nn.init.zeros_(p)
+            opt = torch.optim.AdamW(model.parameters(), lr=123.0)
+            load_state(out, step, model, opt, types.SimpleNamespace(rank=0, world=1), str(tmp_path / run_id))
+            got, want = model.state_dict(), ref.state_dict()
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (run_id, step)
+            moments = list(opt.state.values())
+            assert len(moments) == len(list(model.parameters())) and all(float(s["step"]) == step for s in moments)
+            assert all(s["exp_avg_sq"].abs().sum() > 0 for s in moments) and 0 < opt.param_groups[0]["lr"] < 1
+            loaded.add((run_id, marker["world_size"]))
+    assert {("run1", 2), ("fsdp2", 2)} <= loaded
+    dtype = lambda g: g[0] == "torch" and isinstance(getattr(torch, g[1]), torch.dtype)  # noqa: E731
+    assert {g for g in seen if not dtype(g)} == {g for g in METADATA_GLOBALS if not dtype(g)}
+    assert seen <= METADATA_GLOBALS and ("torch", "float32") in seen

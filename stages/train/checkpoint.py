@@ -5,12 +5,21 @@ Under FSDP2 the same files: the worker gathers the shards first (``parallel.full
 model.safetensors have the keys, dtypes and tied-head layout of a DDP run (tests/test_train.py compares them).
 The training state (``save_state``/``load_state``) is DCP either way: ``get_state_dict`` gives DTensor shards
 under FSDP2 (each rank's ``__<rank>_0.distcp`` then holds its own shards of weights and AdamW moments) and
-full tensors under DDP."""
+full tensors under DDP.
+
+Resuming never unpickles arbitrary objects. DCP's ``FileSystemReader.read_metadata`` reads ``.metadata`` with plain
+``pickle.load``, and its ``DefaultLoadPlanner.load_bytes`` reads every non-tensor item (AdamW's param_groups: lr,
+betas, ...) by torch.load with ``weights_only=False`` (torch 2.13 filesystem.py, default_planner.py): a crafted state
+folder in the run's storage would run code. ``load_state`` therefore reads through ``SafeReader`` (a
+``FileSystemReader`` whose metadata unpickler resolves only ``METADATA_GLOBALS``) and ``SafePlanner`` (non-tensor
+items with ``weights_only=True``; DCP already loads tensors so). The state is always staged to a local folder
+first (S3 too: ``Storage.get_file``), so the filesystem reader is the only DCP reader in use."""
 
 from __future__ import annotations
 
 import io
 import json
+import pickle
 
 import torch
 
@@ -102,9 +111,78 @@ def complete_states(out) -> list[tuple[int, dict]]:
     return sorted(found, key=lambda x: -x[0])
 
 
+# What a real .metadata refers to by name, recorded by unpickling the training states of 1- and 2-rank DDP and
+# FSDP2 runs of the train stage (torch 2.13, fp32; tests/test_train.py::test_real_states_load_through_the_
+# restricted_reader checks every state those tests write): DCP's metadata dataclasses and storage index,
+# torch.Size, dtype and layout (by name: _get_layout looks a torch.layout up in a dict), and the checkpoint id (a
+# PosixPath). Every dtype is allowed (a constant, not a callable; a bf16 state names torch.bfloat16). No builtins:
+# containers and numbers are pickle opcodes.
+_DCP_METADATA = ("Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
+                 "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+METADATA_GLOBALS = frozenset({
+    *(("torch.distributed.checkpoint.metadata", n) for n in _DCP_METADATA),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    *(("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype))})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f, path: str):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"training state {self.path} refers to {module}.{name}, not a "
+                                         f"torch.distributed.checkpoint metadata type: refused to unpickle it")
+        return super().find_class(module, name)
+
+
+def _safe_reader_cls():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """``FileSystemReader`` whose ``read_metadata`` (same file and fix-ups as torch 2.13's) resolves only
+        ``METADATA_GLOBALS``; anything else is a ``pickle.UnpicklingError`` naming the file."""
+
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f, str(path)).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f"training state {path} holds a {type(metadata).__name__}, not DCP "
+                                             f"Metadata: refused")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def _safe_planner_cls():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        """``DefaultLoadPlanner`` whose non-tensor items load with ``weights_only=True`` (torch's: False)."""
+
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner
+
+
 def load_state(out, step: int, model: torch.nn.Module, opt, d, staging: str) -> None:
     """Every rank: fetch ``checkpoints/step_N/state/`` to its own staging folder and load model + optimizer
-    (DCP reshards if the world size changed; same world size on CPU resumes bit for bit)."""
+    (DCP reshards if the world size changed; same world size on CPU resumes bit for bit). Read through
+    ``SafeReader`` and ``SafePlanner``: a state whose metadata or items are not plain data is refused (a
+    ``pickle.UnpicklingError`` naming the file) before anything in it runs."""
     import os
 
     import torch.distributed.checkpoint as dcp
@@ -116,5 +194,7 @@ def load_state(out, step: int, model: torch.nn.Module, opt, d, staging: str) -> 
         out.get_file(f, os.path.join(local, f.rsplit("/", 1)[1]))
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=local)
+    reader = _safe_reader_cls()(local)
+    reader.read_metadata()  # refused here with its own message, not wrapped in DCP's CheckpointException
+    dcp.load(state, storage_reader=reader, planner=_safe_planner_cls()())
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

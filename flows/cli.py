@@ -100,12 +100,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from stages.core import summary
     from stages.core.config import ConfigError, default_run_id, load_config, storage_uri
-    from stages.core.runner import StageError, run_stage
+    from stages.core.runner import StageError, name_problem, run_stage
+    from stages.core.storage import StorageUnavailable
 
     try:
         overrides = _overrides(args.set)
         cfg = load_config(args.config, overrides)
         uri, rid = storage_uri(cfg, args.storage), args.run_id or default_run_id(cfg)
+        names = [("--run-id" if args.run_id else "run id (the profile's name)", rid)]
+        names += [("--compare", r) for r in getattr(args, "compare", None) or []]
+        for key, value in names:  # one folder in storage: `--run-id ../x` wrote outside it
+            if (why := name_problem(value, key)):
+                raise ConfigError(why)
         if args.cmd == "stage" and args.checkpoint:
             if args.name != "evaluate":
                 raise ConfigError("--checkpoint is for `kiln stage evaluate`")
@@ -160,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StageError as e:
+        print(f"kiln: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except StorageUnavailable as e:  # storage down for good: its one-line cause, not a 200-line traceback
         print(f"kiln: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

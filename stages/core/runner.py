@@ -6,11 +6,15 @@ Downstream stages only read a stage whose manifest exists, and only the files it
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
 import logging
 import os
+import random
+import re
 import shutil
 import socket
 import subprocess
@@ -25,7 +29,7 @@ from typing import Any, Callable
 
 from stages import NEEDS, stage_module
 from stages.core.config import fingerprint
-from stages.core.storage import Storage
+from stages.core.storage import Storage, StorageUnavailable, _retrying
 
 log = logging.getLogger("kiln")
 MANIFEST = "manifest.json"
@@ -41,6 +45,26 @@ class MissingInput(StageError):
 
 class RunLocked(StageError):
     """Another process holds the run's lock (the message names it)."""
+
+
+# -- names used as one folder in storage: run ids (--run-id, the profile's name) and dedup.snapshot -------------
+SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"  # letters, digits, . _ -; not starting with "."; <= 128 chars
+
+
+def name_problem(value, key: str) -> str | None:
+    """Why ``value`` (given as ``key``) cannot be one folder name in storage, or None. ``--run-id ../x`` wrote
+    outside the storage folder before this check; flows/params.py's RUN_ID (Prefect forms) is a stricter subset."""
+    if isinstance(value, str) and re.fullmatch(SAFE_NAME, value):
+        return None
+    return (f"{key} must be one folder name (letters, digits, '.', '_', '-'; not starting with '.'; at most 128 "
+            f"characters), got {value!r}")
+
+
+def check_name(value, key: str) -> str:
+    """``value`` if it is a safe folder name, else StageError naming ``key``."""
+    if (why := name_problem(value, key)):
+        raise StageError(why)
+    return value
 
 
 @dataclass
@@ -226,11 +250,29 @@ _held: dict[str, list] = {}  # lock URL -> [token, depth]: re-entrant within a p
 _held_mu = threading.Lock()  # lock for its whole chain calls run_stage, which takes it again)
 
 
-def _lock_info(path: str, root: Storage) -> dict | None:
+UNREADABLE_STALE_S = 30.0  # a lock file that exists but cannot be parsed, older than this (mtime), is stale
+
+
+def _lock_info(root: Storage) -> dict | None:
+    """The lock's content; None if it is absent or unreadable (empty, cut, not a JSON object). Storage errors
+    (StorageUnavailable) propagate."""
     try:
-        return json.loads(root.read_bytes(LOCK))
+        info = json.loads(root.read_bytes(LOCK))
     except (FileNotFoundError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
+
+
+def _lock_age(root: Storage) -> float | None:
+    """Seconds since the lock file was last written (its mtime / S3 LastModified); None if it is gone."""
+    try:
+        info = root.fs.info(root._p(LOCK))
+    except FileNotFoundError:
+        return None
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if isinstance(mtime, datetime):
+        mtime = mtime.timestamp()
+    return time.time() - float(mtime) if mtime is not None else None
 
 
 def _alive(info: dict, stale_s: float) -> bool:
@@ -240,26 +282,60 @@ def _alive(info: dict, stale_s: float) -> bool:
             os.kill(int(info["pid"]), 0)
         except ProcessLookupError:
             return False
-        except (PermissionError, OSError, ValueError, KeyError):
+        except (PermissionError, OSError, ValueError, KeyError, TypeError):
             pass
-    return time.time() - float(info.get("heartbeat", 0)) < stale_s
-
-
-def _create_exclusive(root: Storage, data: bytes) -> bool:
-    """Write the lock only if absent: O_EXCL locally, a conditional PUT (If-None-Match: *) on S3."""
-    path = root._p(LOCK)
     try:
-        if root.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(fd, "wb") as f:
+        return time.time() - float(info.get("heartbeat", 0)) < stale_s
+    except (TypeError, ValueError):
+        return False
+
+
+def _put_if_absent(root: Storage, data: bytes) -> None:
+    """One conditional PUT (If-None-Match: *): atomic (a PUT is all or nothing) and exclusive (412 ->
+    FileExistsError). Retried whole on transient errors like every remote Storage operation (a concurrent
+    conditional PUT answers 409, EBUSY: retried, then 412)."""
+    root.fs.pipe_file(root._p(LOCK), data, mode="create")
+
+
+_put_if_absent = _retrying(_put_if_absent)
+
+
+def _create_exclusive(root: Storage, data: bytes, token: str) -> bool:
+    """Write the lock, whole, only if absent. Locally: the content goes to ``<lock>.tmp-<uuid>`` first, then
+    ``os.link`` names it (atomic and exclusive: FileExistsError = taken): a kill at any point leaves either no
+    lock or a complete one (O_EXCL then write left an empty lock when killed in between, and every re-run got
+    ``RunLocked ... pid None``). On S3 a conditional PUT (``_put_if_absent``); if a retried PUT finds the lock
+    there and it carries our token, our first attempt landed: ours."""
+    path = root._p(LOCK)
+    if root.is_local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
                 f.write(data)
-        else:
-            root.fs.pipe_file(path, data, mode="create")
-            root.fs.invalidate_cache()
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except OSError as e:  # a filesystem without hard links: O_EXCL, then the write (not atomic)
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    try:
+        _put_if_absent(root, data)
+        root.fs.invalidate_cache()
         return True
     except FileExistsError:
-        return False
+        root.fs.invalidate_cache()
+        return (_lock_info(root) or {}).get("token") == token
 
 
 @contextmanager
@@ -270,9 +346,20 @@ def run_lock(storage: str | Storage, run_id: str, purpose: str = "", wait_s: flo
     A second holder waits up to ``wait_s`` (default $KILN_LOCK_WAIT_S, else 0) then gets RunLocked naming the
     holder. The holder's thread refreshes the heartbeat every ``stale_s``/4; a lock whose process is dead (same
     host) or whose heartbeat is older than ``stale_s`` (default $KILN_LOCK_STALE_S, else 120 s: a dead host) is
-    taken over. Creation is exclusive (O_EXCL / S3 conditional PUT); a takeover of a stale lock is
-    best-effort (two processes taking over the same stale lock within one poll could both proceed)."""
-    root = (storage if isinstance(storage, Storage) else Storage(storage)).sub(run_id)
+    taken over, and so is a lock file that cannot be read (empty, cut) once older than ``UNREADABLE_STALE_S``
+    by mtime. Creation is exclusive and whole (``_create_exclusive``); a takeover of a stale lock is
+    best-effort (two processes taking over the same stale lock within one poll could both proceed). Releasing
+    never raises: if storage is down the lock stays, with a warning, and the next run takes it over."""
+    base = storage if isinstance(storage, Storage) else Storage(storage)
+    with folder_lock(base.sub(check_name(run_id, "run id")), f"run '{run_id}'", purpose, wait_s, stale_s) as token:
+        yield token
+
+
+@contextmanager
+def folder_lock(root: Storage, what: str, purpose: str = "", wait_s: float | None = None,
+                stale_s: float | None = None, poll_s: float = 1.0):
+    """``run_lock`` on any folder: holds ``<root>/.lock.json``; ``what`` names the folder in messages (e.g. the
+    dedup index, stages/dedup/index.py); a waiter polls every ``poll_s`` (+-50%: waiters do not move in step)."""
     key = root.url(LOCK)
     with _held_mu:
         if key in _held:
@@ -293,43 +380,92 @@ def run_lock(storage: str | Storage, run_id: str, purpose: str = "", wait_s: flo
     info = {"token": token, "pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
             "acquired_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "heartbeat": time.time()}
     deadline = time.time() + wait_s
-    while not _create_exclusive(root, json.dumps(info).encode()):
-        holder = _lock_info(key, root)
-        if holder is not None and not _alive(holder, stale_s):
-            log.warning("run %s: taking over a stale lock of pid %s on %s (%s)", run_id, holder.get("pid"),
+    while not _create_exclusive(root, json.dumps(info).encode(), token):
+        holder = _lock_info(root)
+        if holder is None:
+            age = _lock_age(root)
+            if age is None:  # released meanwhile: try again at once
+                continue
+            if age > UNREADABLE_STALE_S:
+                log.warning("%s: taking over an unreadable lock %s (last written %.0f s ago)", what, key, age)
+                root.rm(LOCK)
+                continue
+        elif not _alive(holder, stale_s):
+            log.warning("%s: taking over a stale lock of pid %s on %s (%s)", what, holder.get("pid"),
                         holder.get("host"), holder.get("purpose"))
             root.rm(LOCK)
             continue
         if time.time() >= deadline:
-            h = holder or {}
-            raise RunLocked(f"run '{run_id}' in {root.url()} is in use by pid {h.get('pid')} on {h.get('host')} "
-                            f"({h.get('purpose') or 'unknown'}) since {h.get('acquired_at')}; wait for it, or "
-                            f"delete {key} if that process is gone")
-        time.sleep(min(1.0, max(0.05, deadline - time.time())))
+            if holder is None:
+                raise RunLocked(f"{what} in {root.url()} is locked by an unreadable {key} (being written, or left "
+                                f"by a killed process: taken over once {UNREADABLE_STALE_S:.0f} s old)")
+            raise RunLocked(f"{what} in {root.url()} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+                            f"({holder.get('purpose') or 'unknown'}) since {holder.get('acquired_at')}; wait for "
+                            f"it, or delete {key} if that process is gone")
+        time.sleep(min(poll_s * random.uniform(0.5, 1.5), max(0.01, deadline - time.time())))
     with _held_mu:
         _held[key] = [token, 1]
     stop = threading.Event()
 
     def beat():
         while not stop.wait(stale_s / 4):
-            cur = _lock_info(key, root)
-            if not cur or cur.get("token") != token:
-                log.error("run %s: lost the run lock to %s", run_id, cur)
-                return
-            root.write_bytes(LOCK, json.dumps({**info, "heartbeat": time.time()}).encode())
+            try:
+                cur = _lock_info(root)
+                if not cur or cur.get("token") != token:
+                    log.error("%s: lost the lock to %s", what, cur)
+                    return
+                if not stop.is_set():
+                    root.write_bytes(LOCK, json.dumps({**info, "heartbeat": time.time()}).encode())
+            except Exception as e:  # storage down: the holder's own work fails (or rides it out) by itself
+                log.warning("%s: lock heartbeat failed (%s: %s)", what, type(e).__name__, e)
 
-    t = threading.Thread(target=beat, daemon=True, name=f"kiln-lock-{run_id}")
+    t = threading.Thread(target=beat, daemon=True, name=f"kiln-lock-{os.path.basename(root.uri)}")
     t.start()
+    failure: BaseException | None = None
     try:
         yield token
+    except BaseException as e:
+        failure = e
+        raise
     finally:
         stop.set()
-        t.join()
+        t.join(timeout=5)  # a heartbeat stuck in a storage retry: left behind (daemon; it never writes after stop)
         with _held_mu:
             _held.pop(key, None)
-        cur = _lock_info(key, root)
-        if cur and cur.get("token") == token:
-            root.rm(LOCK)
+        _release(root, key, token, what, failure)
+
+
+def _release(root: Storage, key: str, token: str, what: str, failure: BaseException | None) -> None:
+    """Remove our lock; never raises (it ran in ``finally`` and masked the error that got there, e.g. storage
+    going down, after a second retry window). Storage already found unreachable: not even tried."""
+    why = None
+    if isinstance(failure, StorageUnavailable):
+        why = "storage is unreachable"
+    else:
+        try:
+            cur = _lock_info(root)
+            if cur and cur.get("token") == token:
+                root.rm(LOCK)
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+    if why:
+        log.warning("%s: could not release the lock %s (%s); the next run takes it over (at once on this host, "
+                    "else once its heartbeat is older than $KILN_LOCK_STALE_S)", what, key, why)
+
+
+def clear_stage_folder(out: Storage) -> None:
+    """Remove a stage's folder, its manifest first: a kill in the middle leaves files without a manifest (a
+    partial attempt, cleared by the next run), never a manifest listing files already deleted (``rm`` of the
+    folder deletes in directory order)."""
+    if out.exists(MANIFEST):
+        out.rm(MANIFEST)
+    out.rm()
+
+
+def _missing_outputs(out: Storage, manifest: dict) -> list[str]:
+    """Outputs the manifest lists that are not there (existence only: one listing, no hashing)."""
+    present = set(out.list())
+    return [o["path"] for o in manifest.get("outputs", []) if o["path"] not in present]
 
 
 def run_stage(stage: str, cfg, storage: str | Storage, run_id: str, force: bool = False) -> dict:
@@ -346,15 +482,19 @@ def _run_stage(stage: str, cfg, base: Storage, run_id: str, force: bool) -> dict
     inputs = load_inputs(root, stage)
     fp = stage_fingerprint(cfg, stage, inputs)
     existing = read_manifest(root, stage)
-    if existing and existing.get("fingerprint") == fp and not force:
-        log.info("%s: already complete (fingerprint %s), skipped", stage, fp)
-        existing["skipped"] = True
-        _call_hook(stage, run_id, 1.0, "already complete")
-        return existing
-
     out = root.sub(stage)
+    if existing and existing.get("fingerprint") == fp and not force:
+        missing = _missing_outputs(out, existing)
+        if not missing:
+            log.info("%s: already complete (fingerprint %s), skipped", stage, fp)
+            existing["skipped"] = True
+            _call_hook(stage, run_id, 1.0, "already complete")
+            return existing
+        log.warning("%s: the manifest lists %d outputs that are missing (%s%s): running the stage again", stage,
+                    len(missing), ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "")
+
     if force or not getattr(mod, "RESUMABLE", False):
-        out.rm()  # a stale or partial attempt leaves nothing behind
+        clear_stage_folder(out)  # a stale or partial attempt leaves nothing behind
     # (a RESUMABLE stage, train, keeps what an interrupted attempt stored and decides itself: resume or start over)
     workdir = tempfile.mkdtemp(prefix=f"kiln-{stage}-")
     ctx = StageContext(stage, run_id, cfg, root, out, inputs, workdir)

@@ -29,10 +29,10 @@ import os
 import time
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from stages.core.config import Strict
-from stages.core.runner import StageContext, StageError, StageResult
+from stages.core.runner import StageContext, StageError, StageResult, name_problem
 
 
 class Config(Strict):
@@ -50,11 +50,19 @@ class Config(Strict):
     # persistent cross-snapshot index: a folder relative to the storage root, or a URL (s3://bucket/prefix);
     # null = dedup within this run only
     index: str | None = "index/dedup"
-    snapshot: str | None = None  # this run's name in the index (default: the run id)
+    snapshot: str | None = None  # this run's name in the index (default: the run id); a folder name, as run ids
     # inputs smaller than this (MB of normalize's compressed data/) run the signature and filter pipelines in
     # this process, one task after the other: a datatrove worker pool (forkserver) costs ~1 s to start here;
     # on the 6 MB sample crawl 2 workers win a little (3.0 s vs 3.25 s in-process, quiet machine, 2 cores)
     inprocess_below_mb: float = Field(2.0, ge=0)
+
+    @field_validator("snapshot")
+    @classmethod
+    def _one_folder_name(cls, v: str | None) -> str | None:
+        if v is not None and name_problem(v, "dedup.snapshot"):
+            raise ValueError("must be one folder name (letters, digits, '.', '_', '-'; not starting with '.'; at "
+                             "most 128 characters)")
+        return v
 
 
 def _storage_root(ctx: StageContext) -> str:
@@ -109,13 +117,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     index_counts = counts.pop("index")
     if index is not None:
         t = time.perf_counter()
-        replaced = index.commit(snapshot, {"path": segment, "documents": index_counts.get("added_documents", 0)},
-                                params)
-        if replaced and replaced != segment:
-            index.remove(replaced)
-        orphans = index.orphaned_segments(snapshot, index.load())  # an earlier attempt killed before its commit
-        for path in orphans:
-            index.remove(path)
+        replaced, orphans = index.commit_locked(
+            snapshot, {"path": segment, "documents": index_counts.get("added_documents", 0)}, params,
+            purpose=f"dedup commit of snapshot {snapshot} (run {ctx.run_id})")
         seconds["index_commit"] = time.perf_counter() - t
         index_counts.update(uri=index.uri, snapshot=snapshot, segments_read=len(index.prior_segments(
             index.load(), snapshot)), replaced_segment=bool(replaced))

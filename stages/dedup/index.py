@@ -17,16 +17,25 @@ The index (``DedupIndex``) is a folder in storage (local or s3://) with ``index.
 the ordered list of snapshot segments) and ``segments/<snapshot>-<token>/`` document tables holding the
 documents each snapshot *kept*. Updates are atomic: a run writes its new segment first (a fresh folder), and
 only then replaces ``index.json`` in one write; a crash in between leaves the previous ``index.json`` and its
-segments untouched (the orphaned folder is ignored, and removed by the snapshot's next successful run). One writer
-at a time per index.
+segments untouched (the orphaned folder is ignored, and removed by the snapshot's next successful run).
+
+Writers: the commit (read ``index.json``, add or replace this snapshot's entry, write it back) and the orphan
+cleanup run under the index's own lock (``DedupIndex.commit_locked``; runner's ``folder_lock`` on the index folder,
+``<index>/.lock.json``, waiting up to $KILN_INDEX_LOCK_WAIT_S, default 300 s). Without it two runs with different
+run ids sharing the index could both read the old ``index.json`` and the second write drop the first's snapshot
+(tests/test_dedup.py: two processes committing in a loop lost entries). The rest of a run reads the index
+unlocked: snapshots deduplicated at the same time do not see each other. Two runs of the *same* snapshot at once
+are not supported (one's orphan cleanup can remove the other's uncommitted segment; its commit then fails).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import numpy as np
@@ -137,9 +146,40 @@ class DedupIndex:
         found = {"/".join(p.split("/")[:2]) for p in self.storage.list("segments")}
         return sorted(f for f in found if name.fullmatch(f) and f not in listed)
 
+    @contextmanager
+    def locked(self, purpose: str = "", wait_s: float | None = None):
+        """Hold the index's lock (``<index>/.lock.json``) around a read-modify-write of ``index.json``: other
+        writers wait up to ``wait_s`` (default $KILN_INDEX_LOCK_WAIT_S, else 300 s; a commit takes well under a
+        second, a dead holder on this host is taken over at once, on another host after $KILN_LOCK_STALE_S)."""
+        from stages.core.runner import folder_lock
+
+        wait_s = float(os.environ.get("KILN_INDEX_LOCK_WAIT_S", 300)) if wait_s is None else wait_s
+        with folder_lock(self.storage, f"dedup index {self.uri}", purpose, wait_s=wait_s, poll_s=0.05) as token:
+            yield token
+
+    def commit_locked(self, snapshot: str, entry: dict, params: dict, purpose: str = "") -> tuple[str | None, list]:
+        """What a dedup run does once its segment is written, under the index lock: check the segment is still
+        there, ``commit``, remove the segment it replaced and this snapshot's orphans. Returns (replaced, orphans
+        removed)."""
+        from stages.core.runner import StageError
+
+        with self.locked(purpose):
+            if not self.storage.exists(f"{entry['path']}/{ARRAYS}"):
+                raise StageError(f"dedup: this run's index segment {self.storage.url(entry['path'])} is gone "
+                                 f"(removed by a concurrent run of snapshot '{snapshot}'?): nothing committed; "
+                                 f"run it again")
+            replaced = self.commit(snapshot, entry, params)
+            if replaced and replaced != entry["path"]:
+                self.remove(replaced)
+            orphans = self.orphaned_segments(snapshot, self.load())  # an earlier attempt killed before its commit
+            for path in orphans:
+                self.remove(path)
+        return replaced, orphans
+
     def commit(self, snapshot: str, entry: dict, params: dict) -> str | None:
         """Point ``index.json`` at the (already written) segment ``entry["path"]`` for ``snapshot``, in one
-        atomic write; returns the path of the segment it replaced (a re-run of the snapshot), if any."""
+        atomic write; returns the path of the segment it replaced (a re-run of the snapshot), if any. Unlocked:
+        runs use ``commit_locked``."""
         state = self.load()
         segs = list(state["segments"])
         entry = {**entry, "snapshot": snapshot,

@@ -345,3 +345,27 @@ def test_bytes_add_up_with_c4_line_removal(tmp_path, docs):
     assert set(cut) == {"c4_quality"} and cut["c4_quality"] > 0
     bytes_in = sum(len(d["text"].encode()) for d in docs)
     assert bytes_in == c["bytes_out"] + sum(c["removed_bytes"].values()) + cut["c4_quality"]
+
+
+def test_quality_run_outputs_are_byte_identical_across_runs(tmp_path, docs, python_pages):
+    """The filter with the quality classifier on, twice on the same real documents (the benchmark articles, which
+    are the classifier's positives, and docs.python.org pages, its negatives): every output (data,
+    removed samples, quality/model.bin, quality/report.json) has the same bytes; the report holds no wall-clock
+    time, the fastText training and scoring seconds are the manifest's metrics.quality_seconds."""
+    over = {"run.workers": 1, "filter.url.enabled": False, "filter.quality.enabled": True,
+            "filter.quality.keep": "top_percent", "filter.quality.top_percent": 50}
+    ms = {}
+    for run_id in ("a", "b"):
+        seed_stage(str(tmp_path), run_id, "dedup", [*docs, *python_pages])
+        ms[run_id] = run_stage("filter", load_tiny(tmp_path, over), str(tmp_path), run_id)
+    outs = [[(o["path"], o["bytes"], o["sha256"]) for o in ms[r]["outputs"]] for r in ("a", "b")]
+    assert outs[0] == outs[1] and {"quality/report.json", "quality/model.bin"} <= {p for p, _, _ in outs[0]}
+    assert ms["a"]["counts"]["removed"]["quality"] > 0
+
+    def keys(obj):
+        return [x for k, v in obj.items() for x in (k, *keys(v))] if isinstance(obj, dict) else []
+
+    report = json.loads((tmp_path / "a" / "filter" / "quality" / "report.json").read_text())
+    assert "training" in report and not [k for k in keys(report) if "second" in k]
+    assert all(ms[r]["metrics"]["quality_seconds"]["train"] > 0 and ms[r]["metrics"]["quality_seconds"]["score"] > 0
+               for r in ms)

@@ -24,11 +24,16 @@ def test_deterministic_ids_and_lossless_round_trip(tmp_path):
     over = {**FAST, "tokenizer.sample_bytes": 1_500_000, "tokenizer.heldout_fraction": 0.05,
             "tokenizer.user_defined_symbols": ["<|sep|>"]}
     cfg = load_tiny(tmp_path, over)
+    ms = {}
     for run in ("a", "b"):
         seed_split(root, run, "reweight", docs)
-        m = run_stage("tokenizer", cfg, root, run)
+        ms[run] = m = run_stage("tokenizer", cfg, root, run)
     sp, model, stats = load_sp(root, "a")
     assert model == load_sp(root, "b")[1]  # same input -> identical model bytes
+    # ... and identical outputs, stats.json included: the training time is a manifest metric, not in the file
+    assert [(o["path"], o["sha256"]) for o in ms["a"]["outputs"]] == [(o["path"], o["sha256"]) for o in m["outputs"]]
+    assert {o["path"] for o in m["outputs"]} >= {"stats.json", "tokenizer.model", "tokenizer.json"}
+    assert not any("second" in k for k in stats) and all(x["metrics"]["train_seconds"] > 0 for x in ms.values())
     assert Storage(root).sub("a", "tokenizer").read_bytes("tokenizer.vocab").count(b"\n") == 4096
 
     # fixed special ids, recorded in stats.json and the manifest

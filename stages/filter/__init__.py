@@ -12,7 +12,8 @@ documents removed (``counts.removed``), the filter's own reasons (``counts.remov
 ``metrics.reasons``), whitespace words and UTF-8 bytes removed (``counts.removed_words`` / ``removed_bytes``),
 estimated tokens removed (``counts.removed_tokens_est`` = bytes / 4, the usual ~4 bytes per BPE token of
 English web text; no tokenizer exists yet at this stage of the DAG), bytes C4 cut from kept documents with
-``remove_lines`` (``metrics.bytes_cut``), seconds per filter (``metrics.seconds``), and a deterministic sample
+``remove_lines`` (``metrics.bytes_cut``), seconds per filter (``metrics.seconds``; the quality classifier's
+training and scoring: ``metrics.quality_seconds``, never in an output file), and a deterministic sample
 of removed documents in ``removed_samples.jsonl.gz`` (filter, reason, id, url, domain, language, words, bytes,
 first lines with email / public IP addresses replaced).
 """
@@ -166,7 +167,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     chain = Chain(filters, per_domain, ctx.out.datafolder(f"{_TASK_SAMPLES}/heuristics"), cfg.samples_per_filter,
                   cfg.sample_lines)  # sample heads: PII always replaced
     pii = [pii_block(cfg.pii)] if cfg.pii.enabled else []
-    quality_counts, quality_outputs, qchain = {}, [], None
+    quality_counts, quality_outputs, qchain, quality_seconds = {}, [], None, {}
     if not cfg.quality.enabled:
         blocks = run_pipeline(ctx, [upstream_reader(ctx, "dedup"), chain, *pii, *output_steps(ctx)], name="filter")
         chain_stats = block_stats(blocks, chain.name)
@@ -179,13 +180,15 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         chain_stats = block_stats(pass1, chain.name)
         rels = ctx.out.list(_PASS1, suffix=".jsonl.gz")
         q = train_quality(cfg.quality, ctx, source=(ctx.out, rels))
-        quality_counts, quality_outputs = q["counts"], q["outputs"]
+        quality_counts, quality_outputs, quality_seconds = q["counts"], q["outputs"], q["seconds"]
         qchain = Chain([("quality", QualityFilter(q["model_path"], q["cutoff"], cfg.quality.max_words))], {},
                        ctx.out.datafolder(f"{_TASK_SAMPLES}/quality"), cfg.samples_per_filter, cfg.sample_lines)
         paths_file = os.path.join(ctx.workdir, "pass1.txt")
         with open(paths_file, "w") as f:
             f.writelines(r[len(_PASS1) + 1:] + "\n" for r in rels)
-        reader = JsonlReader(ctx.out.datafolder(_PASS1), paths_file=paths_file)
+        # add_file_path=False: datatrove's default put the scratch file's absolute path (storage root, run id) into
+        # every kept document's metadata: other bytes for the same data in another folder (like upstream_reader)
+        reader = JsonlReader(ctx.out.datafolder(_PASS1), paths_file=paths_file, add_file_path=False)
         blocks = run_pipeline(ctx, [reader, qchain, *pii, *output_steps(ctx)], name="filter_quality")
         qstats = block_stats(blocks, qchain.name)
         blocks = {**blocks, **{f"heuristics/{k}": v for k, v in pass1.items()}}
@@ -200,7 +203,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     removed = counts.pop("removed")
     redacted = pii_counts(block_stats(blocks, "📞 PII redaction")) if cfg.pii.enabled else {}
     result = data_result(ctx, blocks, int(chain_stats.get("documents", 0)), removed,
-                         extra_outputs=(SAMPLES, *quality_outputs), metrics={"blocks": blocks, **metrics}, **counts,
+                         extra_outputs=(SAMPLES, *quality_outputs),
+                         metrics={"blocks": blocks, **metrics, **({"quality_seconds": quality_seconds} if
+                                                                  quality_seconds else {})}, **counts,
                          redacted=redacted, **({"quality": quality_counts} if quality_counts else {}))
     kept = result.counts["documents_out"]
     if 0 < kept < cfg.min_documents_out:

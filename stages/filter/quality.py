@@ -44,9 +44,11 @@ filters (``prefilter``) it is FAQ, how-to, tutorial and installation pages, and 
 ELI5 vs RefinedWeb) the same code would learn quality rather than topic.
 
 Report (``quality/report.json``): corpus sizes, held-out precision/recall/F1 at 0.5 and at the cutoff, training
-attempts and time, the cutoff and the number of upstream documents at or above it, and per domain
+attempts, the cutoff and the number of upstream documents at or above it, and per domain
 (``metadata["domain"]``, else the URL's host): documents, mean, p10/p50/p90 of the score, share kept, and how
-many of its documents were training negatives.
+many of its documents were training negatives. No wall-clock time in it (two identical runs write the same
+bytes; bench/bench_chaos.py compares them strictly): the fastText training and scoring seconds go to the filter
+manifest's ``metrics.quality_seconds``.
 
 The cutoff is computed on the upstream text; the block must see the same text to reproduce those scores, so it
 belongs after filters that only keep/drop and before anything that rewrites text (PII redaction, C4 line
@@ -310,8 +312,9 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
     ``source`` (optional): (Storage, [relative .jsonl.gz paths]) to read instead of ``upstream``'s manifest files.
     The filter stage passes the documents that survived its heuristic pass (no second run of the heuristics).
 
-    Returns {"model_path": local model file in ctx.workdir, "cutoff": float, "report": dict,
-    "counts": headline numbers for the manifest, "outputs": [the two files]}."""
+    Returns {"model_path": local model file in ctx.workdir, "cutoff": float, "report": dict (report.json's
+    content), "counts": headline numbers for the manifest, "seconds": {"train": the fastText process(es),
+    "score": scoring every upstream document} (wall clock, kept out of the report), "outputs": [the two files]}."""
     import fasttext
     import numpy as np
 
@@ -362,6 +365,7 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
     params = {"epoch": cfg.epochs, "lr": cfg.lr, "dim": cfg.dim, "wordNgrams": cfg.word_ngrams,
               "minCount": cfg.min_count, "bucket": cfg.bucket, "seed": cfg.seed}
     training = train_model(train_file, model_path, params, cfg.attempts)
+    train_seconds = training.pop("seconds")
     model = fasttext.load_model(model_path)
 
     # held-out evaluation
@@ -422,7 +426,7 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
         "training": {**training, "params": params, "model_bytes": len(model_bytes),
                      "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "labels": [POS, NEG]},
         "keep": {"rule": cfg.keep, "threshold": cfg.threshold, "top_percent": cfg.top_percent, "cutoff": cutoff,
-                 "scored": n_scored, "kept": kept, "score_seconds": round(score_seconds, 3)},
+                 "scored": n_scored, "kept": kept},
         "domains": domains,
     }
     ctx.out.write_bytes("quality/model.bin", model_bytes)
@@ -431,6 +435,7 @@ def train_quality(cfg: QualityConfig, ctx: StageContext, upstream: str = "dedup"
     counts = {"quality_precision": h["precision"], "quality_recall": h["recall"], "quality_cutoff": cutoff,
               "quality_upstream_kept": kept, "quality_train_attempts": training["attempts"]}
     return {"model_path": model_path, "cutoff": cutoff, "report": report, "counts": counts,
+            "seconds": {"train": train_seconds, "score": round(score_seconds, 3)},
             "outputs": ["quality/model.bin", "quality/report.json"]}
 
 

@@ -153,3 +153,159 @@ def test_progress_is_throttled_never_waits_for_a_slow_hook_and_always_reports_th
     for t in [t for t in threading.enumerate() if t.name == "kiln-progress-dedup"]:
         t.join(2)
         assert not t.is_alive()  # ended by itself at 4 of 4
+
+
+# -- faults: a kill mid-lock or mid-rm, storage down at release, unsafe run ids --------------------------------------
+def test_unreadable_lock_is_refused_while_young_and_taken_over_once_old(tmp_path, caplog):
+    """A kill between creating the lock and writing it left an empty ``.lock.json`` (now the lock is written to a
+    temporary file and linked into place: never empty) and every re-run got ``RunLocked ... pid None``."""
+    import os
+    import time
+
+    from stages.core.runner import LOCK, RunLocked, run_lock
+
+    root = Storage(str(tmp_path)).sub("r")
+    for content in (b"", b'{"token": "x", "pid": 12'):  # empty; cut mid-write
+        root.write_bytes(LOCK, content)
+        with pytest.raises(RunLocked, match=r"unreadable .*taken over once 30 s old"):
+            with run_lock(str(tmp_path), "r", wait_s=0):
+                pass
+        old = time.time() - 60
+        os.utime(root._p(LOCK), (old, old))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kiln"), run_lock(str(tmp_path), "r", wait_s=0) as token:
+            assert root.read_json(LOCK)["token"] == token and root.read_json(LOCK)["pid"] == os.getpid()
+        assert "taking over an unreadable lock" in caplog.text
+        assert os.listdir(root._p("")) == []  # released; no temporary left
+
+
+def test_unreadable_lock_on_s3_is_taken_over_by_its_age(s3_bucket, monkeypatch, caplog):
+    import time
+
+    from stages.core import runner
+    from stages.core.runner import LOCK, RunLocked, run_lock
+
+    root = Storage(s3_bucket).sub("r")
+    root.write_bytes(LOCK, b"")
+    with pytest.raises(RunLocked, match="unreadable"):
+        with run_lock(s3_bucket, "r", wait_s=0):
+            pass
+    monkeypatch.setattr(runner, "UNREADABLE_STALE_S", 1.0)  # S3 keeps LastModified: wait for it instead of 30 s
+    time.sleep(1.5)
+    with caplog.at_level("WARNING", logger="kiln"), run_lock(s3_bucket, "r", wait_s=0) as token:
+        assert root.read_json(LOCK)["token"] == token
+    assert "taking over an unreadable lock" in caplog.text and not root.exists(LOCK)
+
+
+def test_clearing_a_stage_deletes_its_manifest_before_any_output(tmp_path):
+    """``--force`` clears the stage folder first, and a plain ``rm`` deletes in directory order (locally) or key
+    order, data/... before manifest.json (s3fs): killed in between, it left a manifest listing deleted files.
+    The delete is stopped for real at the first output the directory order reaches before the manifest: that
+    output is a tmpfs mount point (its file is deleted, the mount point cannot be: EBUSY)."""
+    import json
+    import os
+
+    from test_faults import _mount_tmpfs
+
+    from stages.core.runner import MANIFEST, clear_stage_folder
+
+    out = tmp_path / "r" / "normalize"
+    names = [f"d{i:03d}" for i in range(100)]
+    for n in names:
+        (out / n).mkdir(parents=True)
+    (out / MANIFEST).write_text(json.dumps({"outputs": [{"path": f"{n}/x"} for n in names]}))
+    order = [e.name for e in os.scandir(out)]  # the order rmtree deletes in
+    first = order[0] if order[0] != MANIFEST else order[1]  # the first output reached: before the manifest if it can
+    if not _mount_tmpfs(out / first, 64):
+        pytest.skip("no permission to mount a tmpfs")
+    try:
+        for n in names:
+            (out / n / "x").write_bytes(b"data")
+        with pytest.raises(OSError):
+            clear_stage_folder(Storage(str(out)))
+        assert not (out / first / "x").exists()  # the delete got that far
+        assert not (out / MANIFEST).exists()  # and the manifest went first: nothing listed that is gone
+    finally:
+        subprocess.run(["umount", "-l", str(out / first)], check=False, timeout=30)
+
+
+def test_skip_requires_the_outputs_the_manifest_lists(seeded, caplog):
+    cfg = load_tiny(None, {"run.workers": 1})
+    m = run_stage("normalize", cfg, seeded, "r")
+    out = Storage(seeded).sub("r", "normalize")
+    gone = m["outputs"][0]["path"]
+    out.rm(gone)
+    with caplog.at_level("WARNING", logger="kiln"):
+        again = run_stage("normalize", cfg, seeded, "r")
+    assert not again.get("skipped") and out.exists(gone)
+    assert f"the manifest lists 1 outputs that are missing ({gone})" in caplog.text
+    assert again["outputs"] == m["outputs"]  # the same bytes again
+    assert run_stage("normalize", cfg, seeded, "r")["skipped"]
+
+
+def test_lock_release_with_storage_down_never_masks_the_first_error(s3_endpoint, s3_bucket, monkeypatch, caplog):
+    """Releasing the lock read it back through storage: with S3 down that raised from ``run_lock``'s finally,
+    after a second retry window, and the stage's own error was lost."""
+    import time
+
+    import boto3
+    from test_faults import Proxy
+
+    from stages.core.runner import LOCK, run_lock
+    from stages.core.storage import StorageUnavailable
+
+    proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("KILN_S3_ATTEMPTS", "1")
+    monkeypatch.setenv("KILN_STORAGE_RETRY_S", "1.5")
+    store, bucket = Storage(s3_bucket), s3_bucket.removeprefix("s3://")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)  # around the proxy
+    try:
+        with caplog.at_level("WARNING", logger="kiln"), pytest.raises(ValueError, match="the stage's own error"):
+            with run_lock(store, "r1", wait_s=0):
+                proxy.stop()
+                raise ValueError("the stage's own error")
+        assert "could not release the lock" in caplog.text and "the next run takes it over" in caplog.text
+        proxy.start()
+        caplog.clear()
+        raised = []
+        with caplog.at_level("WARNING", logger="kiln"), pytest.raises(StorageUnavailable) as err:
+            with run_lock(store, "r2", wait_s=0):
+                proxy.stop()
+                try:
+                    store.sub("r2").read_bytes("shard/data.bin")  # the stage's storage error
+                except StorageUnavailable:
+                    raised.append(time.monotonic())
+                    raise
+        assert time.monotonic() - raised[0] < 1.0  # no second retry window at release
+        assert "shard/data.bin" in str(err.value) and "storage is unreachable" in caplog.text
+        for rid in ("r1", "r2"):  # left behind, for the next run to take over
+            assert s3.list_objects_v2(Bucket=bucket, Prefix=f"{rid}/{LOCK}")["KeyCount"] == 1
+    finally:
+        proxy.stop()
+
+
+def test_run_id_must_be_one_folder_name(tmp_path, capsys):
+    from flows.cli import main
+
+    for bad in ("../x", ".x", "a/b", "x" * 129, ""):
+        with pytest.raises(StageError, match="run id must be one folder name"):
+            run_stage("normalize", load_tiny(None), str(tmp_path / "st"), bad)
+    assert main(["stage", "normalize", "--run-id", "../x", "--storage", str(tmp_path / "st")]) == 2
+    assert "kiln: config error: --run-id must be one folder name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, inside or outside the storage
+
+
+def test_cli_storage_down_for_good_says_it_in_one_line(tmp_path):
+    from conftest import _free_port
+
+    port = _free_port()  # nothing listens there
+    env = {**__import__("os").environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "KILN_S3_ATTEMPTS": "1",
+           "KILN_STORAGE_RETRY_S": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "normalize", "--storage", "s3://kiln-down/art",
+                        "--run-id", "r"], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kiln: storage s3://kiln-down/art/r unreachable") and f"127.0.0.1:{port}" in last, last
+    assert "bucket kiln-down" in last and "re-run the same command" in last

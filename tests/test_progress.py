@@ -4,7 +4,10 @@ reports into Prefect progress artifacts; tests/test_ui.py checks the artifacts o
 
 from __future__ import annotations
 
-from conftest import load_tiny
+import gzip
+import json
+
+from conftest import load_tiny, real_docs, seed_stage
 from lm_upstream import build_upstream
 from stages.core import runner
 from stages.core.runner import progress_hook, run_stage
@@ -27,3 +30,24 @@ def test_train_reports_its_steps_then_the_runner_reports_100(tmp_path, monkeypat
     assert steps == sorted(steps) and 0 < steps[0] and max(steps) <= 0.99  # 100% is the runner's alone
     assert any("12/12" in w for f, w in train), train  # the last step's line came through
     assert train[0][0] == 0.0 and train[-1][0] == 1.0 and "complete" in train[-1][1], train
+
+
+def test_a_datatrove_stage_reports_tasks_done_and_writes_no_file_path(tmp_path, monkeypatch):
+    """normalize on 3 tasks through datatrove's local executor: the runner's watcher counts the executor's
+    completion markers; the documents carry no ``metadata.file_path`` (it named the upstream file's absolute
+    path, so the same data written elsewhere gave other bytes)."""
+    storage = str(tmp_path / "store")
+    seed_stage(storage, "p", "ingest", real_docs(40))
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)
+    seen: list[tuple[str, float, str]] = []
+    with progress_hook(lambda stage, run_id, frac, what: seen.append((stage, frac, what))):
+        m = run_stage("normalize", load_tiny(None, {"run.tasks": 3, "run.workers": 2}), storage, "p")
+    tasks = [(f, w) for s, f, w in seen if s == "normalize" and " tasks: " in w]
+    # polled once a second while tasks run (each loads the language-ID model: seconds); the last tick may miss 3/3
+    assert tasks and all(w.startswith("normalize tasks: ") and w.endswith("/3") for _, w in tasks), seen
+    assert [f for f, _ in tasks] == sorted(f for f, _ in tasks) and 0 < tasks[-1][0] <= 0.99
+    assert seen[-1][1] == 1.0
+    docs = [json.loads(line) for o in m["outputs"] if o["path"].endswith(".jsonl.gz")
+            for line in gzip.open(tmp_path / "store" / "p" / "normalize" / o["path"], "rt")]
+    assert len(docs) == m["counts"]["documents_out"] > 0
+    assert not any("file_path" in d.get("metadata", {}) for d in docs)

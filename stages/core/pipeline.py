@@ -58,14 +58,16 @@ class Tally(PipelineStep):
 
 
 def upstream_reader(ctx: StageContext, stage: str, **kwargs):
-    """A datatrove JsonlReader over exactly the ``data/`` files that ``stage``'s manifest lists."""
+    """A datatrove JsonlReader over exactly the ``data/`` files that ``stage``'s manifest lists. Without
+    datatrove's ``metadata.file_path`` (its default): that absolute path of the upstream file made every stage's
+    output depend on where the storage lives (same data, other bytes) and leaked local paths into shards."""
     from datatrove.pipeline.readers import JsonlReader
 
     files = ctx.input_files(stage, prefix="data/", suffix=".jsonl.gz")
     paths_file = os.path.join(ctx.workdir, f"{stage}-inputs.txt")
     with open(paths_file, "w") as f:
         f.writelines(p[len("data/"):] + "\n" for p in files)
-    return JsonlReader(ctx.input(stage).datafolder("data"), paths_file=paths_file, **kwargs)
+    return JsonlReader(ctx.input(stage).datafolder("data"), paths_file=paths_file, **{"add_file_path": False, **kwargs})
 
 
 def output_steps(ctx: StageContext) -> list:
@@ -112,17 +114,23 @@ def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int 
     tasks = tasks or run.tasks
     workers = min(workers or run.workers, tasks)
     executor = build_executor(ctx, steps, name, tasks, workers)
-    if run.executor.kind == "local":
-        return stats_by_block(executor.run())
-    if run.executor.kind == "ray":
-        _ray_connect(run.executor.ray)
-        executor.run()
-    else:
-        executor.launch_job()
-        if executor.job_id != -1:  # -1: datatrove found every task complete and submitted nothing
-            wait_slurm(executor, run.executor.slurm.poll_s, run.executor.slurm.wait_timeout_s)
-    _check_complete(executor)
-    return stats_by_block(read_task_stats(executor.logging_dir, tasks))
+    logs = executor.logging_dir  # progress: datatrove's completion markers, the same for every executor
+    watching = ctx.watch(lambda: len(logs.list_files("completions")), tasks, f"{name} tasks",
+                         every_s=1.0 if logs.is_local() else 5.0)
+    try:
+        if run.executor.kind == "local":
+            return stats_by_block(executor.run())
+        if run.executor.kind == "ray":
+            _ray_connect(run.executor.ray)
+            executor.run()
+        else:
+            executor.launch_job()
+            if executor.job_id != -1:  # -1: datatrove found every task complete and submitted nothing
+                wait_slurm(executor, run.executor.slurm.poll_s, run.executor.slurm.wait_timeout_s)
+        _check_complete(executor)
+        return stats_by_block(read_task_stats(executor.logging_dir, tasks))
+    finally:
+        watching.set()
 
 
 def build_executor(ctx: StageContext, steps: list, name: str, tasks: int, workers: int, depends=None):

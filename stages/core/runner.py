@@ -266,6 +266,7 @@ def _lock_info(root: Storage) -> dict | None:
 def _lock_age(root: Storage) -> float | None:
     """Seconds since the lock file was last written (its mtime / S3 LastModified); None if it is gone."""
     try:
+        root.fs.invalidate_cache()
         info = root.fs.info(root._p(LOCK))
     except FileNotFoundError:
         return None
@@ -273,6 +274,9 @@ def _lock_age(root: Storage) -> float | None:
     if isinstance(mtime, datetime):
         mtime = mtime.timestamp()
     return time.time() - float(mtime) if mtime is not None else None
+
+
+_lock_age = _retrying(_lock_age)  # remote: retried on transient errors like every Storage operation
 
 
 def _alive(info: dict, stale_s: float) -> bool:
@@ -437,9 +441,10 @@ def folder_lock(root: Storage, what: str, purpose: str = "", wait_s: float | Non
 
 def _release(root: Storage, key: str, token: str, what: str, failure: BaseException | None) -> None:
     """Remove our lock; never raises (it ran in ``finally`` and masked the error that got there, e.g. storage
-    going down, after a second retry window). Storage already found unreachable: not even tried."""
+    going down, after a second retry window). This storage already found unreachable (the error names its
+    endpoint and bucket): not even tried."""
     why = None
-    if isinstance(failure, StorageUnavailable):
+    if isinstance(failure, StorageUnavailable) and root.endpoint() in str(failure):
         why = "storage is unreachable"
     else:
         try:
@@ -469,7 +474,8 @@ def _missing_outputs(out: Storage, manifest: dict) -> list[str]:
 
 
 def run_stage(stage: str, cfg, storage: str | Storage, run_id: str, force: bool = False) -> dict:
-    """Run one stage unless an identical run of it is already complete. Returns its manifest.
+    """Run one stage unless an identical run of it is already complete (same fingerprint, and every output its
+    manifest lists exists: else it runs again, with a warning). Returns its manifest.
     Holds the run's lock (``run_lock``) throughout: two processes never write one run id at once."""
     base = storage if isinstance(storage, Storage) else Storage(storage)
     with run_lock(base, run_id, purpose=f"stage {stage}"):

@@ -100,7 +100,7 @@ def show(label: str, m: dict) -> None:
     print(f"\n== {label}: {n} documents scored; {ps['documents']} positives ({ps['train']} train / "
           f"{ps['heldout']} held out), {ng['sampled']} negatives of a pool of {ng['pool']} ({ng['prefiltered_out']} "
           f"prefiltered out, {ng['excluded_as_positive']} excluded as positives)")
-    print(f"training: {m['train_s']:.2f} s end to end, fastText subprocess {rep['training']['seconds']:.2f} s, "
+    print(f"training: {m['train_s']:.2f} s end to end, fastText subprocess {m['res']['seconds']['train']:.2f} s, "
           f"{rep['training']['attempts']} attempt(s), model {rep['training']['model_bytes'] / 1e6:.1f} MB")
     print(f"held-out at 0.5: precision {h['precision']}  recall {h['recall']}  F1 {h['f1']}  "
           f"(tp {h['tp']} fp {h['fp']} fn {h['fn']} tn {h['tn']})")
@@ -135,7 +135,7 @@ def run() -> dict:
         rep, h, n = m["rep"], m["rep"]["heldout"]["at_0.5"], len(m["docs"])
         figures |= {
             f"{tag}.train_seconds": fig(round(m["train_s"], 2), "s", f"{what}: train_quality end to end"),
-            f"{tag}.fasttext_seconds": fig(rep["training"]["seconds"], "s", f"{what}: fastText training process"),
+            f"{tag}.fasttext_seconds": fig(m["res"]["seconds"]["train"], "s", f"{what}: fastText training process"),
             f"{tag}.train_attempts": fig(rep["training"]["attempts"], "", f"{what}: training attempts"),
             f"{tag}.precision": fig(h["precision"], "", f"{what}: held-out precision at 0.5 (news vs crawl docs)"),
             f"{tag}.recall": fig(h["recall"], "", f"{what}: held-out recall at 0.5"),

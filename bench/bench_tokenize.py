@@ -120,7 +120,7 @@ def run() -> dict:
     b = _race(sp, big_texts, lambda: run_stage("shard", cfg, store, "big", force=True), 2)
     b_raw, b_np, b_stage = b["raw"][0], b["raw_np"][0], b["stage"][0]
     b_mb = mb * COPIES
-    print(f"tokenizer: {stats['train_seconds']:.2f} s to train on {stats['sample_bytes'] / 1e6:.1f} MB, "
+    print(f"tokenizer: {tok_m['metrics']['train_seconds']:.2f} s to train on {stats['sample_bytes'] / 1e6:.1f} MB, "
           f"{stats['bytes_per_token']:.2f} bytes/token held out, byte fallback {stats['byte_fallback_share']:.4f}, "
           f"HF export agreement {stats.get('hf_agreement')}")
     print(f"text: {mb:.1f} MB, {len(texts):,} documents, {n_tok:,} tokens; {cores} cores")
@@ -132,7 +132,7 @@ def run() -> dict:
     print(f"larger input ({COPIES}x, {b_mb:.0f} MB): raw {b_mb / b_raw:.2f} MB/s (numpy ids {b_mb / b_np:.2f})   "
           f"shard stage {b_mb / b_stage:.2f} MB/s   ratio {b_raw / b_stage:.3f} ({b_np / b_stage:.3f} against numpy)")
     return {
-        "tokenize.train_seconds": fig(stats["train_seconds"], "s", "tokenizer: sentencepiece BPE training time"),
+        "tokenize.train_seconds": fig(tok_m["metrics"]["train_seconds"], "s", "tokenizer: sentencepiece BPE training time"),
         "tokenize.sample_mb": fig(round(stats["sample_bytes"] / 1e6, 2), "MB", "tokenizer: training sample"),
         "tokenize.bytes_per_token": fig(stats["bytes_per_token"], "B/token", "tokenizer: held-out bytes per token"),
         "tokenize.hf_agreement": fig(stats.get("hf_agreement"), "",

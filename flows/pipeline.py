@@ -88,7 +88,7 @@ def pipeline(config: str = DEFAULT_CONFIG, storage: str | None = None, run_id: s
     try:
         with run_lock(uri, rid, purpose="flow run"):  # one writer per run id: a second run is refused by name
             return _chain(config, overrides, uri, rid, selected, force)
-    except RunLocked as e:
+    except StageError as e:  # RunLocked (another run holds the id), or a run id that is not one folder name
         get_run_logger().error("%s", e)
         return Failed(message=str(e))
 

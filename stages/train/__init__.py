@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import Field
 
 from stages.core.config import Strict
-from stages.core.runner import StageContext, StageError, StageResult, stage_progress
+from stages.core.runner import StageContext, StageError, StageResult, clear_stage_folder, stage_progress
 
 log = logging.getLogger("kiln.train")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -279,7 +279,7 @@ def _resume_step(ctx: StageContext, fp: dict) -> int | None:
     from stages.train.checkpoint import complete_states
 
     if ctx.out.exists("manifest.json"):
-        ctx.out.rm()
+        clear_stage_folder(ctx.out)  # its manifest first: never a manifest listing deleted files
         return None
     states = complete_states(ctx.out)
     if not states:
@@ -291,7 +291,7 @@ def _resume_step(ctx: StageContext, fp: dict) -> int | None:
                          f"{fp['dataset']}: refusing to resume; re-run with --force to start over")
     if marker.get("config") != fp["config"]:
         log.info("train: the interrupted run's checkpoints (step %d) used another train config: starting over", step)
-        ctx.out.rm()
+        clear_stage_folder(ctx.out)
         return None
     log.info("train: resuming from the complete checkpoint at step %d", step)
     return step

@@ -53,14 +53,22 @@ class TokenShardWriter:
         self.dtype = dtype_for_vocab(vocab_size)
         self.f = open(self.tmp[bin_path], "wb")
         self.f.write(b"\0" * HEADER_BYTES)
-        self.offsets = [0]
+        # document end offsets, one int64 array per add/add_many (8 bytes a document: the index needs them all
+        # at close, after the tokens; a Python list of ints took ~36 bytes a document)
+        self.ends: list[np.ndarray] = []
+        self.n_tokens = self.n_docs = 0
+
+    def _ended(self, lengths: np.ndarray) -> None:
+        if lengths.size:
+            self.ends.append(self.n_tokens + np.cumsum(lengths, dtype=np.int64))
+            self.n_tokens, self.n_docs = int(self.ends[-1][-1]), self.n_docs + int(lengths.size)
 
     def add(self, ids) -> None:
         arr = np.asarray(list(ids) + [self.eos_id], dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise ValueError(f"token id out of range for vocabulary of {self.vocab_size}")
         self.f.write(arr.astype(self.dtype).tobytes())
-        self.offsets.append(self.offsets[-1] + arr.size)
+        self._ended(np.array([arr.size], dtype=np.int64))
 
     def add_many(self, seqs: list) -> None:
         """``add`` for a batch of documents: one conversion and one write (the shard stage's hot path). Numpy
@@ -79,16 +87,18 @@ class TokenShardWriter:
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise ValueError(f"token id out of range for vocabulary of {self.vocab_size}")
         self.f.write(arr.astype(self.dtype).tobytes())
-        self.offsets.extend((self.offsets[-1] + np.cumsum(lengths)).tolist())
+        self._ended(lengths)
 
     def close(self) -> dict:
-        n_tokens, n_docs = self.offsets[-1], len(self.offsets) - 1
+        n_tokens, n_docs = self.n_tokens, self.n_docs
         self.f.seek(0)
         self.f.write(_HDR.pack(MAGIC, VERSION, self.dtype.itemsize, n_tokens, n_docs, self.vocab_size, self.eos_id))
         self.f.close()  # flushes: a full disk raises here at the latest, before any rename
         with open(self.tmp[self.idx_path], "wb") as f:
             f.write(_IDX_HDR.pack(IDX_MAGIC, n_docs))
-            f.write(np.asarray(self.offsets, dtype="<u8").tobytes())
+            f.write(np.zeros(1, dtype="<u8").tobytes())
+            for ends in self.ends:
+                f.write(ends.astype("<u8").tobytes())
         os.replace(self.tmp[self.idx_path], self.idx_path)  # the index first: a .bin is never without its .idx
         os.replace(self.tmp[self.bin_path], self.bin_path)
         return {"tokens": n_tokens, "documents": n_docs}

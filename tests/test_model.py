@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stages.train import parallel
 from stages.train.model import GPT, GPTConfig
@@ -105,3 +106,17 @@ def test_fused_head_and_loss_equal_the_plain_path():
     with torch.no_grad():  # evaluation keeps the plain path (logits and per-token losses)
         logits, nll = GPT(small())(x[:, :-1], y, reduction="none")
         assert logits.shape == (12, 32, 256) and nll.shape == (12, 32)
+
+
+@pytest.mark.parametrize("T,blocks", [(256, 2), (64, 4), (37, 2), (5, 3), (3, 2)])
+def test_causal_attention_in_query_blocks_equals_causal_sdpa(T, blocks):
+    """Query blocks (compiled CPU training: parallel.compile_model sets 2) give causal attention's numbers, also
+    when T does not divide and when T is too short to split."""
+    from stages.train.model import causal_attention
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 16, generator=g) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(causal_attention(q, k, v, blocks), want, rtol=1e-5, atol=1e-6)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch.testing.assert_close(causal_attention(q, k, v, blocks), want, rtol=1e-5, atol=1e-6)

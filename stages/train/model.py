@@ -105,7 +105,30 @@ class LinearCrossEntropy(torch.autograd.Function):
         return gh * grad_out, gw * grad_out, None, None
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_blocks: int = 1) -> torch.Tensor:
+    """Causal scaled dot-product attention of q, k, v (B, H, T, D) -> (B, H, T, D).
+
+    ``q_blocks`` > 1: the queries in that many row blocks, block i attending only to the keys up to its own end,
+    so the fully masked upper-right blocks of the T x T scores are never computed. For kernels without causal
+    block skipping, i.e. SDPA's math backend, which compiled CPU training uses (parallel.attention_backend): with
+    2 blocks 25% fewer attention FLOPs. Measured on the bench shape (T 256, 4 layers, compiled step, bf16, 1
+    thread, CPU time, three interleaved A/B pairs): 3.0-3.7% less per training step; 4 blocks no better than 2
+    (smaller matmuls, more masks)."""
+    T = q.size(-2)
+    if q_blocks <= 1 or T < 2 * q_blocks:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    b = -(-T // q_blocks)  # rows per block
+    ys = [F.scaled_dot_product_attention(q[:, :, :b], k[:, :, :b], v[:, :, :b], is_causal=True)]
+    for s in range(b, T, b):
+        e = min(s + b, T)
+        mask = torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(s)  # query s+r sees keys <= s+r
+        ys.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=mask))
+    return torch.cat(ys, dim=2)
+
+
 class Attention(nn.Module):
+    q_blocks = 1  # causal_attention's query blocks; set from outside for the kernel in use (parallel.compile_model)
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         assert cfg.d_model % cfg.n_heads == 0, "d_model must be divisible by n_heads"
@@ -121,7 +144,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        y = causal_attention(q, k, v, self.q_blocks)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

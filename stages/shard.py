@@ -80,17 +80,35 @@ def parquet_schema():
                       ("date", pa.string()), ("n_tokens", pa.int32())])
 
 
-def arrow_pool():
-    """Arrow's memory pool while ``TokenShards`` runs (the process default: the Parquet writer's encoders take it
-    whatever pool is passed): jemalloc, which gives freed pages back (decay), else the system allocator. pyarrow's
-    default, mimalloc, kept the pages of row-group conversion and encoding: on 4x the 1x corpus in one task,
-    peak anonymous RSS 134-140 MB with mimalloc against 111-112 MB with jemalloc (~107 MB without any Parquet)."""
+def free_large_blocks() -> None:
+    """glibc malloc: blocks of 128 KiB and more are mmapped and unmapped when freed (M_MMAP_THRESHOLD fixed at its
+    default; left alone, glibc raises it to the largest block freed so far, up to 32 MiB, and later batch buffers
+    and row-group copies stay in its heap). Process-wide, harmless to others: a few mmap calls per batch. Measured
+    on the shard worker path (bench_scaling's inputs, 2 tasks): peak anonymous RSS 104-109 -> 83-86 MB at 1x and
+    147-150 -> 117-121 MB at 4x. No-op where there is no glibc mallopt."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
+def string_array(values: list):
+    """A ``pa.string()`` array of str or None values, built from its buffers (UTF-8 bytes joined, int32 offsets,
+    a validity bitmap only if a value is None). ``pa.array`` on a Python list gives the same array but imports
+    pandas on its first call: +34 MB anonymous RSS in a shard worker that needs none of it."""
+    import numpy as np
     import pyarrow as pa
 
-    try:
-        return pa.jemalloc_memory_pool()
-    except NotImplementedError:  # a pyarrow built without jemalloc
-        return pa.system_memory_pool()
+    raw = [b"" if v is None else v.encode() for v in values]
+    offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, raw), dtype=np.int64, count=len(raw)), out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"shard: {offsets[-1]} bytes of strings in one batch, over a pa.string() array's 2 GiB")
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+    nulls = len(values) - int(valid.sum())
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    return pa.StringArray.from_buffers(len(raw), pa.py_buffer(offsets.astype("<i4")), pa.py_buffer(b"".join(raw)),
+                                       bitmap, nulls)
 
 
 def _reader():
@@ -171,14 +189,12 @@ def _block():
             from collections import deque
             from concurrent.futures import ThreadPoolExecutor
 
-            import pyarrow as pa
             import sentencepiece as spm
 
             from stages.core.storage import Storage
 
             out = Storage(self.out_uri)
-            prev_pool = pa.default_memory_pool()
-            pa.set_memory_pool(arrow_pool())  # restored in finally (in-process runs share the stage's process)
+            free_large_blocks()
             tmp = tempfile.mkdtemp(prefix=f"kiln-shard-{rank:05d}-")
             threads = self.cfg.encode_threads or 1
             pool, files, done = None, {}, False
@@ -213,7 +229,6 @@ def _block():
                     for f in files.values():
                         f.abort()
                 shutil.rmtree(tmp, ignore_errors=True)
-                pa.set_memory_pool(prev_pool)
 
         def _write(self, files: dict, batch: list, pending, sp, rank: int, out, tmp: str):
             from collections import Counter
@@ -302,25 +317,27 @@ class _SplitFiles:
 
     def add(self, pairs: list) -> None:
         """Token ids and Parquet rows of (document, ids) pairs."""
+        import numpy as np
         import pyarrow as pa
 
         self._io("bin", self.tokens.add_many, [seq for _, seq in pairs])
         md = [doc.metadata for doc, _ in pairs]
         opt = [[None if (v := m.get(key)) is None else str(v) for m in md] for key in ("url", "domain", "date")]
-        cols = [[doc.text for doc, _ in pairs], [doc.id for doc, _ in pairs], *opt, [m["n_tokens"] for m in md]]
-        schema = parquet_schema()
-        self.pending.append(pa.RecordBatch.from_arrays(
-            [pa.array(c, type=f.type) for c, f in zip(cols, schema)], schema=schema))
+        arrays = [string_array(c) for c in ([doc.text for doc, _ in pairs], [doc.id for doc, _ in pairs], *opt)]
+        n_tokens = np.fromiter((m["n_tokens"] for m in md), dtype="<i4", count=len(md))
+        arrays.append(pa.Array.from_buffers(pa.int32(), len(md), [None, pa.py_buffer(n_tokens)]))
+        self.pending.append(pa.RecordBatch.from_arrays(arrays, schema=parquet_schema()))
         self.n_pending += len(pairs)
         while self.n_pending >= self.rows:
             self._flush(self.rows)
 
     def _flush(self, n: int) -> None:
-        """The first ``n`` pending rows as one row group. They are written as one contiguous record batch, as
-        the rows were before (whole ``cols`` lists of Python strings, converted at the flush): the Parquet bytes
-        do not depend on how rows arrived, and the writer's pages and dictionary fallback see the same calls."""
+        """The first ``n`` pending rows as one row group, written as one contiguous record batch as before (the
+        rows were Python lists converted at the flush): the Parquet bytes do not depend on how rows arrived. The
+        text column is copied batch by batch into one exact-size buffer, each pending batch dropped once copied:
+        at the flush a row group's text is in memory once (+ one batch), not twice."""
+        import numpy as np
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         take, need = [], n
         while need:
@@ -332,10 +349,30 @@ class _SplitFiles:
                 self.pending[0] = b.slice(need)
             need -= take[-1].num_rows
         self.n_pending -= n
-        table = pa.Table.from_batches(take, parquet_schema()).combine_chunks()
-        del take
-        self._io("parquet", self.parquet.write_table, table, row_group_size=n)
-        self.bytes += int(pc.sum(pc.binary_length(table.column("text"))).as_py() or 0)  # UTF-8 bytes of the texts
+        others = [pa.concat_arrays([t.column(i) for t in take]) for i in range(1, take[0].num_columns)]
+        texts = [t.column(0) for t in take]
+        del take, b
+
+        def offsets_of(a):  # int32 offsets of a (sliced) pa.string() array
+            return np.frombuffer(a.buffers()[1], dtype="<i4", count=len(a) + 1, offset=4 * a.offset)
+
+        size = sum(int(o[-1]) - int(o[0]) for o in map(offsets_of, texts))
+        if size > np.iinfo(np.int32).max:
+            raise StageError(f"shard: {size} bytes of text in one row group of {n} rows, over 2 GiB; "
+                             "lower shard.parquet_rows_per_group")
+        data, offsets, pos, row = bytearray(size), np.zeros(n + 1, dtype="<i4"), 0, 0
+        while texts:
+            a = texts.pop(0)
+            off = offsets_of(a)
+            s, e = int(off[0]), int(off[-1])
+            data[pos:pos + e - s] = memoryview(a.buffers()[2])[s:e]
+            offsets[row + 1:row + len(a) + 1] = off[1:] - s + pos
+            pos, row = pos + e - s, row + len(a)
+            del a, off
+        text = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+        batch = pa.RecordBatch.from_arrays([text, *others], schema=parquet_schema())
+        self._io("parquet", self.parquet.write_batch, batch, row_group_size=n)
+        self.bytes += size  # UTF-8 bytes of the texts
 
     def close(self) -> None:
         if self.n_pending:

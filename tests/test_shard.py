@@ -265,3 +265,69 @@ def test_reader_takes_multi_member_gzip_and_skips_a_bad_line(tmp_path):
     m = run_stage("shard", cfg, root, "g")
     assert m["counts"]["documents_in"] == m["counts"]["documents_out"] == len(docs)
     assert sorted(read_split(Storage(root).sub("g", "shard"))) == sorted(d["id"] for d in docs)
+
+
+def test_parquet_and_token_bytes_do_not_depend_on_encode_batches(tmp_path):
+    """Pending Parquet rows are held per encode batch and a row group is assembled from them at its flush (the
+    worker streams: memory bounded by parquet_rows_per_group, not by the task). 2 KB batches (row groups of 16
+    rows span many batches, batches split between row groups) and 4 MB batches (one per task) write the same
+    bytes; rows come back with their text, id, url (None where a document has none) and token count."""
+    import hashlib
+
+    docs = with_copies(mixed_docs(60, 60, 15))
+    for i, d in enumerate(docs):
+        if i % 5 == 0:  # documents without url: a validity bitmap in some batches, not in others
+            d["metadata"] = {k: v for k, v in d["metadata"].items() if k != "url"}
+    root = str(tmp_path)
+    seed_split(root, "a", "reweight", docs)
+    st = Storage(root).sub("a", "shard")
+    digests = []
+    for kb in (2, 4000):
+        cfg = load_tiny(tmp_path, {**FAST, "shard.parquet_rows_per_group": 16, "shard.encode_batch_kb": kb})
+        if not digests:
+            run_stage("tokenizer", cfg, root, "a")
+        run_stage("shard", cfg, root, "a", force=True)
+        digests.append({rel: hashlib.sha256(st.read_bytes(rel)).hexdigest()
+                        for rel in (*st.list("tokens"), *st.list("parquet", suffix=".parquet"))})
+    assert len(digests[0]) == 12 and digests[0] == digests[1]  # (bin, idx, parquet) x (train, val) x 2 tasks
+
+    by_id = {d["id"]: d for d in docs}
+    rows = 0
+    for rel in st.list("parquet", suffix=".parquet"):
+        pf = pq.ParquetFile(io.BytesIO(st.read_bytes(rel)))
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        assert sizes[:-1] == [16] * (len(sizes) - 1) and 0 < sizes[-1] <= 16
+        shard = TokenShard(st, rel.replace("parquet", "tokens", 1).replace(".parquet", ".bin"))
+        lengths = np.diff(shard.doc_offsets())
+        for row, n in zip(pf.read().to_pylist(), lengths, strict=True):
+            d = by_id[row["id"]]
+            assert row["text"] == d["text"] and row["url"] == d["metadata"].get("url") and row["date"] is None
+            assert row["n_tokens"] == n - 1  # EOS
+            rows += 1
+    assert rows == len(docs)
+
+
+def test_string_array_is_pa_array_without_pandas():
+    """string_array builds the same pa.string() array as pa.array (non-ASCII, empty strings, None), from buffers."""
+    from stages.shard import string_array
+
+    for values in (["a", "bé", None, "", None, "日本語 🙂" * 3], [], [None, None], ["ü"] * 9):
+        a = string_array(values)
+        a.validate(full=True)
+        assert a.equals(pa.array(values, pa.string())) and a.null_count == values.count(None)
+
+
+def test_token_writer_offsets_across_add_and_add_many(tmp_path):
+    """The index's n+1 offsets come from per-batch int64 arrays (8 bytes a document), in call order."""
+    from stages.core.tokens import TokenShardWriter
+
+    w = TokenShardWriter(str(tmp_path / "s.bin"), str(tmp_path / "s.idx"), vocab_size=300, eos_id=1)
+    seqs = [np.array([5, 6, 7], np.int32), np.array([], np.int32), np.array([299], np.int32)]
+    w.add([9, 9])
+    w.add_many(seqs)
+    w.add_many([])
+    w.add([4])
+    assert w.close() == {"tokens": 3 + 4 + 1 + 2 + 2, "documents": 5}
+    shard = TokenShard(Storage(str(tmp_path)), "s.bin")
+    assert shard.doc_offsets().tolist() == [0, 3, 7, 8, 10, 12]
+    assert shard.read_all().tolist() == [9, 9, 1, 5, 6, 7, 1, 1, 299, 1, 4, 1]

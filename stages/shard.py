@@ -21,6 +21,15 @@ no core waits at a call's end, the first batches are small so encoding starts af
 tokenizer loads while they are read, JSONL is read as bytes (zlib + orjson), Parquet and token shards are
 written by this block as batches come back (no per-document writer blocks), and small inputs run in this
 process without datatrove's executor (no worker pool, no Manager process).
+
+Memory (issue 9: flat peak memory per worker). A task holds, per split, at most one row group of pending Parquet
+rows (``parquet_rows_per_group``) as Arrow buffers of each encode batch (a document's Python strings are freed
+once it has passed), the batches in flight, and 8 bytes a document for the token index; a row group's text is
+assembled once at its flush. Parquet arrays are built from buffers (``pa.array`` imports pandas, +34 MB), and
+freed memory goes back to the system (``return_freed_memory``). Shard stage alone on bench_scaling's inputs,
+tiny profile, 2 tasks / 2 workers, peak anonymous RSS of a worker: 1x 143 -> 80 MB, 4x 231 -> 99-105 MB (peak
+RSS 208 -> 128-131 and 295 -> 160-161 MB). What still grows 1x -> 4x (~20 MB) is the first full row group
+(a 1x task has ~530 rows, under one) and allocator state; output bytes are unchanged (sha256 of every output).
 """
 
 from __future__ import annotations
@@ -80,16 +89,29 @@ def parquet_schema():
                       ("date", pa.string()), ("n_tokens", pa.int32())])
 
 
-def free_large_blocks() -> None:
-    """glibc malloc: blocks of 128 KiB and more are mmapped and unmapped when freed (M_MMAP_THRESHOLD fixed at its
-    default; left alone, glibc raises it to the largest block freed so far, up to 32 MiB, and later batch buffers
-    and row-group copies stay in its heap). Process-wide, harmless to others: a few mmap calls per batch. Measured
-    on the shard worker path (bench_scaling's inputs, 2 tasks): peak anonymous RSS 104-109 -> 83-86 MB at 1x and
-    147-150 -> 117-121 MB at 4x. No-op where there is no glibc mallopt."""
+def return_freed_memory() -> bool:
+    """Freed memory goes back to the system while a shard task runs; True if ARROW_DEFAULT_MEMORY_POOL was set here
+    (the caller removes it at the end: later processes started from this one are not affected).
+
+    * glibc malloc: blocks of 128 KiB and more are mmapped and unmapped when freed (M_MMAP_THRESHOLD fixed at its
+      default; left alone, glibc raises it to the largest block freed so far, up to 32 MiB, and later batch
+      buffers and row-group copies stay in its heap). Process-wide; a few mmap calls per batch.
+    * Arrow's C++ default pool, which the Parquet writer's encoders take whatever pool pyarrow is given: malloc
+      instead of mimalloc, which kept more of every row-group flush. Chosen by Arrow at its first allocation in the
+      process: a shard worker's; an in-process run keeps whatever the process already uses. An explicit
+      ARROW_DEFAULT_MEMORY_POOL wins.
+    Measured on the shard worker path (bench_scaling's inputs, 2 tasks), peak anonymous RSS of a worker at 1x / 4x:
+    104-109 / 147-150 MB without either, 83-86 / 117-121 MB with the threshold, 79 / 103 MB with both; in one
+    process over 1x and 8x the 1x corpus, peak RSS 133 -> 173 MB with mimalloc, 130 -> 147 MB with malloc (no
+    Parquet written at all: 130 -> 136 MB). No-op where there is no glibc mallopt."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
+        return False
+    os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
+    return True
 
 
 def string_array(values: list):
@@ -194,7 +216,7 @@ def _block():
             from stages.core.storage import Storage
 
             out = Storage(self.out_uri)
-            free_large_blocks()
+            pool_env = return_freed_memory()
             tmp = tempfile.mkdtemp(prefix=f"kiln-shard-{rank:05d}-")
             threads = self.cfg.encode_threads or 1
             pool, files, done = None, {}, False
@@ -229,6 +251,8 @@ def _block():
                     for f in files.values():
                         f.abort()
                 shutil.rmtree(tmp, ignore_errors=True)
+                if pool_env:
+                    os.environ.pop("ARROW_DEFAULT_MEMORY_POOL", None)
 
         def _write(self, files: dict, batch: list, pending, sp, rank: int, out, tmp: str):
             from collections import Counter

@@ -405,6 +405,8 @@ def test_stage_task_retries_unreachable_storage_but_not_bad_data(prefect_api, tm
     # an S3 endpoint with nothing listening (connection refused); botocore's own retries off to keep it short
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("KILN_S3_ATTEMPTS", "1")  # and Kiln's own: one try per request, a 2 s window per operation
+    monkeypatch.setenv("KILN_STORAGE_RETRY_S", "2")  # (default 120 s: x 4 task attempts this test took 8 minutes)
 
     @flow
     def both():

@@ -120,3 +120,15 @@ def test_causal_attention_in_query_blocks_equals_causal_sdpa(T, blocks):
     torch.testing.assert_close(causal_attention(q, k, v, blocks), want, rtol=1e-5, atol=1e-6)
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         torch.testing.assert_close(causal_attention(q, k, v, blocks), want, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_attention_in_query_blocks_in_bf16_is_as_close_to_fp32_as_sdpa():
+    from stages.train.model import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, generator=g) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    err_blocks = (causal_attention(qb, kb, vb, 2).float() - exact).abs().max()
+    err_sdpa = (F.scaled_dot_product_attention(qb, kb, vb, is_causal=True).float() - exact).abs().max()
+    assert err_blocks <= 2 * err_sdpa + 1e-3, (err_blocks, err_sdpa)

@@ -108,21 +108,25 @@ class LinearCrossEntropy(torch.autograd.Function):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_blocks: int = 1) -> torch.Tensor:
     """Causal scaled dot-product attention of q, k, v (B, H, T, D) -> (B, H, T, D).
 
-    ``q_blocks`` > 1: the queries in that many row blocks, block i attending only to the keys up to its own end,
-    so the fully masked upper-right blocks of the T x T scores are never computed. For kernels without causal
-    block skipping, i.e. SDPA's math backend, which compiled CPU training uses (parallel.attention_backend): with
-    2 blocks 25% fewer attention FLOPs. Measured on the bench shape (T 256, 4 layers, compiled step, bf16, 1
-    thread, CPU time, three interleaved A/B pairs): 3.0-3.7% less per training step; 4 blocks no better than 2
-    (smaller matmuls, more masks)."""
+    ``q_blocks`` = 1: ``F.scaled_dot_product_attention(is_causal=True)`` (flash kernels skip masked blocks
+    themselves). ``q_blocks`` > 1, for compiled CPU training (parallel.compile_model sets 2), where inductor
+    fuses plain matmuls + softmax best: attention written out (QK^T, mask, softmax in fp32, PV) with the queries in
+    that many row blocks, block i attending only to the keys up to its own end, so the fully masked upper-right
+    blocks of the T x T scores are never computed (2 blocks: 25% fewer attention FLOPs). Measured on the bench
+    shape (T 256, 4 layers, compiled step, bf16, 1 thread, CPU time, interleaved A/B): SDPA math in 2 blocks
+    3.0-3.7% less per step than one causal SDPA call; written out in 2 blocks another 2.5-8% less (no
+    ``_safe_softmax``, no float mask); 4 blocks no better than 2."""
     T = q.size(-2)
     if q_blocks <= 1 or T < 2 * q_blocks:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    b = -(-T // q_blocks)  # rows per block
-    ys = [F.scaled_dot_product_attention(q[:, :, :b], k[:, :, :b], v[:, :, :b], is_causal=True)]
-    for s in range(b, T, b):
+    b, scale = -(-T // q_blocks), 1.0 / math.sqrt(q.size(-1))  # rows per block
+    ys = []
+    for s in range(0, T, b):
         e = min(s + b, T)
+        att = (q[:, :, s:e] @ k[:, :, :e].transpose(-2, -1)).float() * scale  # (B, H, e-s, e)
         mask = torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(s)  # query s+r sees keys <= s+r
-        ys.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=mask))
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        ys.append(att.to(v.dtype) @ v[:, :, :e])  # (B, H, e-s, D)
     return torch.cat(ys, dim=2)
 
 

@@ -119,18 +119,21 @@ def run_pipeline(ctx: StageContext, steps: list, name: str = "main", tasks: int 
                          every_s=1.0 if logs.is_local() else 5.0)
     try:
         if run.executor.kind == "local":
-            return stats_by_block(executor.run())
-        if run.executor.kind == "ray":
-            _ray_connect(run.executor.ray)
-            executor.run()
+            stats = stats_by_block(executor.run())
         else:
-            executor.launch_job()
-            if executor.job_id != -1:  # -1: datatrove found every task complete and submitted nothing
-                wait_slurm(executor, run.executor.slurm.poll_s, run.executor.slurm.wait_timeout_s)
-        _check_complete(executor)
-        return stats_by_block(read_task_stats(executor.logging_dir, tasks))
+            if run.executor.kind == "ray":
+                _ray_connect(run.executor.ray)
+                executor.run()
+            else:
+                executor.launch_job()
+                if executor.job_id != -1:  # -1: datatrove found every task complete and submitted nothing
+                    wait_slurm(executor, run.executor.slurm.poll_s, run.executor.slurm.wait_timeout_s)
+            _check_complete(executor)
+            stats = stats_by_block(read_task_stats(executor.logging_dir, tasks))
     finally:
         watching.set()
+    ctx.progress(tasks, tasks, f"{name} tasks")  # all done (the watcher's last tick may have come before)
+    return stats
 
 
 def build_executor(ctx: StageContext, steps: list, name: str, tasks: int, workers: int, depends=None):

@@ -139,3 +139,12 @@ def seed_files(storage_uri: str, run_id: str, stage: str, files: dict, counts: d
                 "wall_time_s": 0.0, "code_version": "test", "location": out.url()}
     out.write_json(MANIFEST, manifest)
     return manifest
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (/proc/<pid>/stat state field)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import alive
 from stages.core.storage import Storage
 from test_deploy import ONE_FILE, ROOT, _api, _deployment, _final, _stop, _ui_run, _wait, prefect_server
 
@@ -43,15 +44,6 @@ def server(tmp_path_factory):
             yield api, env, [log, serve_log], serve, storage
         finally:
             _stop(serve)
-
-
-def _alive(pid: int) -> bool:
-    """A process that exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _group(pgid: int) -> list[int]:
@@ -216,7 +208,7 @@ def test_ui_cancel_stops_training_with_torchrun_and_ranks(server, tmp_path):
     run = _final(api, fr["id"], logs, timeout=90)
     assert run["state"]["type"] == "CANCELLED", run["state"]
     marks = complete_states(out)
-    _wait("torchrun and its ranks to exit", lambda: not any(_alive(p) for p in torchrun + ranks), 10, logs)
+    _wait("torchrun and its ranks to exit", lambda: not any(alive(p) for p in torchrun + ranks), 10, logs)
     took = time.time() - t0
     assert not [p for p in _worker_pids(serve.pid) if b"stages.train" in _cmdline(p)]
     time.sleep(3)  # checkpoints came every 5 steps (well under a second) while training ran

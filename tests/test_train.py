@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_tiny
+from conftest import alive, load_tiny
 from lm_upstream import build_upstream
 from stages.core.runner import StageError, run_stage
 from stages.core.storage import Storage
@@ -263,13 +263,6 @@ def test_sigkill_then_resume_gives_the_same_losses(upstream, two_rank):
         except ProcessLookupError:
             pass
     proc.wait()
-
-    def alive(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
 
     while any(alive(pid) for pid in family[1:]):
         time.sleep(0.05)

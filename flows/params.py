@@ -10,7 +10,6 @@ Two layers reject bad values before any stage runs:
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -82,37 +81,17 @@ class NightlyParams(RunParams):
 
 
 # -- retries: transient storage errors only ------------------------------------------------------------------
-TRANSIENT_S3_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-                      "Throttling", "ThrottlingException", "OperationAborted", "503", "500"}
-# errnos of network hiccups, and those s3fs gives S3's SlowDown/ServiceUnavailable (EBUSY) and 500s (EREMOTEIO)
-TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EBUSY,
-                    getattr(errno, "EREMOTEIO", 121)}
-
-
 def is_transient(exc: BaseException | None, _depth: int = 0) -> bool:
-    """Worth a retry: network and object-store hiccups (ConnectionError, TimeoutError, botocore/aiohttp connection
-    errors, S3 throttling and 5xx, OSErrors with those errnos), also when wrapped (``__cause__``/``__context__``).
-    Not: bad data or config (StageError/ConfigError come back as a Failed state, not an exception), missing or
-    forbidden files, a full or read-only disk, programming errors."""
+    """Worth a retry of the stage task: the storage layer's rule (``stages.core.storage.transient``: connection
+    errors and timeouts, S3 throttling and 5xx, also wrapped), plus ``StorageUnavailable`` — storage gave up
+    after its own retry window, and Prefect's later attempts (10, 20, 40 s) may find the endpoint back. Not: bad
+    data or config (StageError/ConfigError come back as a Failed state, not an exception), missing or forbidden
+    files, a full or read-only disk, programming errors."""
+    from stages.core.storage import StorageUnavailable, transient
+
     if exc is None or _depth > 5:
         return False
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
-    except ImportError:  # pragma: no cover - botocore is pinned
-        BotoCoreError = ClientError = ParamValidationError = ()  # noqa: N806
-    try:
-        from aiohttp import ClientConnectionError
-    except ImportError:  # pragma: no cover
-        ClientConnectionError = ()  # noqa: N806
-    if ClientError and isinstance(exc, ClientError):
-        return str(exc.response.get("Error", {}).get("Code")) in TRANSIENT_S3_CODES
-    if (ParamValidationError and isinstance(exc, ParamValidationError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)) or (BotoCoreError and isinstance(exc, BotoCoreError)) \
-            or (ClientConnectionError and isinstance(exc, ClientConnectionError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+    if isinstance(exc, StorageUnavailable) or transient(exc):  # transient() stops at a StorageUnavailable
         return True
     nxt = exc.__cause__ or exc.__context__
     return nxt is not exc and is_transient(nxt, _depth + 1)

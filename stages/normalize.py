@@ -186,23 +186,9 @@ def _language_tagger_cls():
     return LanguageTag
 
 
-def check_upstream_read(ctx: StageContext, stage: str, read: int) -> None:
-    """A StageError when fewer documents were read from ``stage``'s data files than the ``documents_out`` its
-    manifest counts: datatrove's JsonlReader skips a line that is not JSON (and the rest of a file that is not
-    UTF-8) with only a log line, so damaged upstream files would otherwise lose documents silently. Used by every
-    stage that reads a whole upstream stage (normalize, filter, reweight)."""
-    from stages.core.runner import StageError
-
-    expected = (ctx.inputs[stage].get("counts") or {}).get("documents_out")
-    if isinstance(expected, int) and read < expected:
-        raise StageError(f"{ctx.stage}: read {read} documents of the {expected} that the {stage} manifest counts in "
-                         f"{ctx.input(stage).url('data')}: its data files were damaged or changed after the "
-                         f"manifest was written (datatrove's log names the file: 'Error when reading'); re-run "
-                         f"`kiln stage {stage} --force`")
-
-
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
+    from stages.core.pipeline import (block_stats, check_upstream_read, data_result, output_steps, run_pipeline,
+                                      upstream_reader)
 
     from stages.core.lid import ModelMissing, lid176_path
     from stages.core.runner import StageError

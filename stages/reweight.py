@@ -206,9 +206,9 @@ def _per_domain(block: dict) -> dict[str, dict[str, int]]:
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     import numpy as np
 
-    from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
+    from stages.core.pipeline import (block_stats, check_upstream_read, data_result, output_steps, run_pipeline,
+                                      upstream_reader)
 
-    from stages.normalize import check_upstream_read
 
     DomainMeasure, DomainSampler = _blocks()
     if not ctx.input_files("filter", prefix="data/"):

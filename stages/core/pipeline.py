@@ -32,7 +32,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.stats import Stats
 
-from stages.core.runner import StageContext, StageResult
+from stages.core.runner import StageContext, StageError, StageResult
 
 os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kiln", "tldextract"))
 
@@ -68,6 +68,19 @@ def upstream_reader(ctx: StageContext, stage: str, **kwargs):
     with open(paths_file, "w") as f:
         f.writelines(p[len("data/"):] + "\n" for p in files)
     return JsonlReader(ctx.input(stage).datafolder("data"), paths_file=paths_file, **{"add_file_path": False, **kwargs})
+
+
+def check_upstream_read(ctx: StageContext, stage: str, read: int) -> None:
+    """A StageError when fewer documents were read from ``stage``'s data files than the ``documents_out`` its
+    manifest counts: datatrove's JsonlReader skips a line that is not JSON (and the rest of a file that is not
+    UTF-8) with only a log line, so damaged upstream files would otherwise lose documents silently. Called by the
+    stages that read a whole upstream stage with ``upstream_reader`` (normalize, filter, reweight)."""
+    expected = (ctx.inputs[stage].get("counts") or {}).get("documents_out")
+    if isinstance(expected, int) and read < expected:
+        raise StageError(f"{ctx.stage}: read {read} documents of the {expected} that the {stage} manifest counts in "
+                         f"{ctx.input(stage).url('data')}: its data files were damaged or changed after the "
+                         f"manifest was written (datatrove's log names the file: 'Error when reading'); re-run "
+                         f"`kiln stage {stage} --force`")
 
 
 def output_steps(ctx: StageContext) -> list:

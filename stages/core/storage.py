@@ -56,11 +56,12 @@ class StorageUnavailable(ConnectionError):
     ConnectionError: flows.params.is_transient still lets Prefect retry the stage task later."""
 
 
-# S3 error codes and errnos worth a retry (as flows/params.py: s3fs turns SlowDown/503 into EBUSY, 500 into EREMOTEIO)
-_S3_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException",
-             "OperationAborted", "500", "502", "503", "504"}
+# S3 error codes and errnos worth a retry (s3fs turns SlowDown/503 into EBUSY, 500 into EREMOTEIO); also the rule of
+# Prefect's stage-task retries (flows.params.is_transient)
+_S3_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "Throttling",
+             "ThrottlingException", "OperationAborted", "500", "502", "503", "504"}
 _ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTUNREACH,
-           errno.ENETUNREACH, errno.ENETDOWN, errno.EBUSY, getattr(errno, "EREMOTEIO", 121)}
+           errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EBUSY, getattr(errno, "EREMOTEIO", 121)}
 
 
 def transient(exc: BaseException | None, _depth: int = 0) -> bool:

@@ -154,11 +154,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
+    from stages.core.pipeline import (block_stats, check_upstream_read, data_result, output_steps, run_pipeline,
+                                      upstream_reader)
     from stages.filter.heuristics import _chain_cls
     from stages.filter.pii import pii_block, pii_counts
     from stages.filter.quality import QualityFilter, train_quality
-    from stages.normalize import check_upstream_read
 
     filters, per_domain = build_chain(cfg)
     keys = chain_keys(filters, per_domain)

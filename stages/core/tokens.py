@@ -15,7 +15,10 @@ A shard ``NAME.bin`` is a 64-byte header followed by the tokens, little-endian:
 
 Its document index ``NAME.idx`` is a 16-byte header (magic b"KILNIDX\\0", uint64 n_docs) followed by
 n_docs + 1 uint64 token offsets: document i is tokens [off[i], off[i+1]) (its EOS included).
-Any window is one byte range, so readers fetch only what they need, locally or from S3 (range GET).
+Any window is one byte range, so readers fetch only what they need, locally or from S3 (range GET):
+``TokenShard`` reads the header (bytes 0-63), a window of tokens (one range), or document i (its two offsets,
+bytes 16 + 8i .. 16 + 8i + 15 of the index, then its tokens); tests/test_shard_s3.py counts the bytes that
+cross the wire from moto_server for each.
 """
 
 from __future__ import annotations
@@ -142,9 +145,24 @@ class TokenShard:
         return self.read(0, self.n_tokens)
 
     def doc_offsets(self, idx_rel: str | None = None) -> np.ndarray:
+        """All n_docs + 1 document offsets (the whole index: 8 bytes a document)."""
         idx_rel = idx_rel or self.rel[:-4] + ".idx"
         raw = self.storage.read_bytes(idx_rel)
         magic, n_docs = _IDX_HDR.unpack(raw[:_IDX_HDR.size])
         if magic != IDX_MAGIC:
             raise ValueError(f"{idx_rel}: not a Kiln document index")
         return np.frombuffer(raw[_IDX_HDR.size:], dtype="<u8").astype(np.int64)
+
+    def doc_range(self, i: int, idx_rel: str | None = None) -> tuple[int, int]:
+        """Token range [start, end) of document ``i`` (its EOS included), from 16 bytes of the index (one range)."""
+        if not 0 <= i < self.header["n_docs"]:
+            raise IndexError(f"document {i} outside shard of {self.header['n_docs']} documents")
+        b0 = _IDX_HDR.size + 8 * i
+        raw = self.storage.read_bytes(idx_rel or self.rel[:-4] + ".idx", b0, b0 + 16)
+        start, end = (int(x) for x in np.frombuffer(raw, dtype="<u8"))
+        return start, end
+
+    def document(self, i: int) -> np.ndarray:
+        """Token ids of document ``i``, EOS included: two range reads (its offsets, then its tokens)."""
+        start, end = self.doc_range(i)
+        return self.read(start, end - start)

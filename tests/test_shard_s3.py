@@ -1,0 +1,173 @@
+"""shard on S3: readers fetch a window, a document or a header by HTTP range GETs from a real moto_server, and only
+those bytes: a counting TCP proxy in front of moto sees every request line, its Range header and every byte moto
+sends back."""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+from conftest import _free_port, load_tiny
+from test_reweight import mixed_docs
+from test_shard import build, with_copies
+
+from stages.core.storage import Storage
+from stages.core.tokens import HEADER_BYTES, TokenShard
+
+_REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.S)
+_RANGE = re.compile(rb"^range: *bytes=(\d+)-(\d+)\r?$", re.I | re.M)
+
+
+class CountingProxy:
+    """127.0.0.1:port -> 127.0.0.1:target, keeping what clients sent (per connection) and counting the bytes the
+    target sent back. Bytes are counted before they are forwarded, so a completed read has been counted whole."""
+
+    def __init__(self, target: int):
+        self.target, self.port = target, _free_port()
+        self.mu, self.sent, self.down, self.socks = threading.Lock(), [], 0, []
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", self.port))
+        self.ls.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.ls.accept()
+                u = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            buf = bytearray()
+            with self.mu:
+                self.sent.append(buf)
+                self.socks += [c, u]
+            threading.Thread(target=self._pipe, args=(c, u, buf), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, None), daemon=True).start()
+
+    def _pipe(self, a, b, buf) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                with self.mu:
+                    if buf is None:
+                        self.down += len(data)
+                    else:
+                        buf += data
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def snapshot(self) -> tuple[int, int]:
+        """(bytes received from the target so far, requests so far): a mark to measure what a read costs."""
+        with self.mu:
+            return self.down, len(self.requests(lock=False))
+
+    def requests(self, lock: bool = True) -> list[tuple[str, str, tuple[int, int] | None]]:
+        """(method, path, inclusive byte range or None) of every request, per connection in arrival order."""
+        with self.mu if lock else _nothing():
+            out = []
+            for buf in self.sent:
+                for m in _REQUEST.finditer(bytes(buf)):
+                    r = _RANGE.search(m[3])
+                    out.append((m[1].decode(), m[2].decode(), (int(r[1]), int(r[2])) if r else None))
+            return out
+
+    def close(self) -> None:
+        self.ls.close()
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture
+def proxy(s3_endpoint):
+    p = CountingProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    yield p
+    p.close()
+
+
+def test_windows_documents_and_headers_are_range_gets_of_their_bytes_only(s3_bucket, tmp_path, monkeypatch, proxy):
+    # a real shard on S3: the stage writes it straight to moto (~1 MB of uint16 tokens in one train shard)
+    root = s3_bucket + "/runs"
+    docs = with_copies(mixed_docs())
+    cfg = load_tiny(tmp_path, {"run.tasks": 1, "run.workers": 1, "tokenizer.vocab_size": 2048})
+    build(root, "r", docs, cfg)
+    rel = "tokens/train/00000.bin"
+    size = Storage(root).sub("r", "shard").size(rel)
+    assert size > 900_000
+
+    # the same objects read through the proxy (a new Storage takes the endpoint from the environment)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    st = Storage(root).sub("r", "shard")
+    key = st.url(rel).split("/", 3)[3]  # the object key under the bucket
+    sp = spm.SentencePieceProcessor(model_proto=Storage(root).sub("r", "tokenizer").read_bytes("tokenizer.model"))
+
+    def cost(fn):
+        """fn()'s result, the bytes moto sent for it and its requests."""
+        down0, n0 = proxy.snapshot()
+        out = fn()
+        down1, _ = proxy.snapshot()
+        return out, down1 - down0, proxy.requests()[n0:]
+
+    # the header: one range GET of bytes 0-63
+    shard, got, reqs = cost(lambda: TokenShard(st, rel))
+    assert [(m, p.endswith(key), r) for m, p, r in reqs] == [("GET", True, (0, HEADER_BYTES - 1))]
+    assert got < 2_000 and shard.header["n_tokens"] * 2 + HEADER_BYTES == size
+
+    # a window of 1,000 tokens from the middle: one range GET of exactly its 2,000 bytes
+    start = shard.n_tokens // 2
+    window, got, reqs = cost(lambda: shard.read(start, 1000))
+    b0 = HEADER_BYTES + 2 * start
+    assert [(m, r) for m, _, r in reqs] == [("GET", (b0, b0 + 1999))]
+    assert 2_000 <= got < 4_000 < size // 200  # the window and one response header, not the shard
+
+    # document 200 of the shard: 16 bytes of the index, then its tokens; it decodes to its Parquet row's text
+    i = 200
+    s, e = shard.doc_range(i)
+    doc, got, reqs = cost(lambda: shard.document(i))
+    assert [(m, p.rsplit(".", 1)[1], r) for m, p, r in reqs] == [
+        ("GET", "idx", (16 + 8 * i, 16 + 8 * i + 15)), ("GET", "bin", (HEADER_BYTES + 2 * s, HEADER_BYTES + 2 * e - 1))]
+    assert got < 2 * doc.size + 4_000 and doc.size == e - s and doc[-1] == 2 and 2 not in doc[:-1]
+    table = pq.read_table(io.BytesIO(st.read_bytes("parquet/train/00000.parquet")), columns=["text"])
+    assert sp.decode(doc[:-1].tolist()) == table.column("text")[i].as_py()
+
+    # the training reader: with nothing preloaded, one window of a sequence is one range GET of its bytes
+    from stages.train.data import WindowDataset
+
+    ds = WindowDataset([shard], 257, preload_bytes=0)
+    k = len(ds) - 3
+    w, got, reqs = cost(lambda: ds[k])
+    assert [(m, r) for m, _, r in reqs] == [("GET", (HEADER_BYTES + 2 * 257 * k, HEADER_BYTES + 2 * 257 * (k + 1) - 1))]
+    assert got < 2 * 257 + 2_000 and np.array_equal(w, shard.read(257 * k, 257))
+
+    # control: the counter sees a whole download for what it is
+    _, got, reqs = cost(lambda: st.read_bytes(rel))
+    assert got >= size and [m for m, _, _ in reqs].count("GET") >= 1
+    assert np.array_equal(np.frombuffer(st.read_bytes(rel)[b0:b0 + 2000], "<u2"), window)

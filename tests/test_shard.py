@@ -187,20 +187,27 @@ def test_parquet_shards_load_with_hugging_face_datasets(tmp_path, monkeypatch):
     assert sum(ds["n_tokens"]) + len(ds) == m["counts"]["tokens_train"]  # + one EOS per document
 
 
+def scored_docs() -> tuple[list[dict], dict[str, float]]:
+    """Real documents with copies, each with a metadata.quality_score from a stable hash of its base id (the
+    ordering is under test, not a scorer); the 4th document has no score (curriculum phase 0)."""
+    from stages.reweight import stable_unit
+
+    docs, score = with_copies(mixed_docs(60, 60, 20)), {}
+    for d in docs:
+        score[d["id"]] = round(stable_unit("q", base_id(d["id"])), 4)
+        d["metadata"] = {**d["metadata"], "quality_score": score[d["id"]]}
+    docs[3]["metadata"].pop("quality_score")
+    return docs, score
+
+
 def test_curriculum_phases_and_sampler_order(tmp_path):
     """shard.order curriculum: train documents go to phase shards by metadata.quality_score (a stable hash of the
     id here: the ordering is under test, not a scorer), recorded in index.json and mixture.json; the train
     sampler given the phases serves the lower phases in the first half of an epoch, shuffled within a phase."""
     from stages.core.tokens import TokenShard as Shard
-    from stages.reweight import stable_unit
     from stages.train.data import BatchSampler, WindowDataset, open_shards
 
-    root, docs = str(tmp_path), with_copies(mixed_docs(60, 60, 20))
-    score = {}
-    for d in docs:
-        score[d["id"]] = round(stable_unit("q", base_id(d["id"])), 4)
-        d["metadata"] = {**d["metadata"], "quality_score": score[d["id"]]}
-    docs[3]["metadata"].pop("quality_score")  # unscored: phase 0
+    root, (docs, score) = str(tmp_path), scored_docs()
     edges = [0.25, 0.5, 0.75]
     cfg = load_tiny(tmp_path, {**FAST, "shard.order": "curriculum", "shard.curriculum_edges": edges})
     m = build(root, "c", docs, cfg)
@@ -331,3 +338,181 @@ def test_token_writer_offsets_across_add_and_add_many(tmp_path):
     shard = TokenShard(Storage(str(tmp_path)), "s.bin")
     assert shard.doc_offsets().tolist() == [0, 3, 7, 8, 10, 12]
     assert shard.read_all().tolist() == [9, 9, 1, 5, 6, 7, 1, 1, 299, 1, 4, 1]
+
+
+def test_train_stage_consumes_curriculum_phases_in_order_and_logs_the_mixture(tmp_path, caplog):
+    """What a train run with shard.order curriculum feeds its ranks, without starting torchrun: the train stage's
+    own checks and spec (stages.train._check_inputs, _spec: the shard list handed to torchrun), then what every
+    rank builds from that spec (stages.train.data.training_data; the worker's dataset and sampler). Over a whole
+    epoch of 2 ranks x 2 micro-batches the tokens consumed are the shards' own, phase after phase (phases from
+    index.json, as the shard stage wrote them); the data mixture the stage logs is shard's mixture.json."""
+    import logging
+
+    import stages.train as train
+    from stages.core.runner import StageContext, load_inputs
+    from stages.train.data import micro_batches, training_data
+
+    root, (docs, _) = str(tmp_path), scored_docs()
+    world, micro, T = 2, 2, 32
+    cfg = load_tiny(tmp_path, {**FAST, "shard.order": "curriculum", "shard.curriculum_edges": [0.25, 0.5, 0.75],
+                               "train.model.seq_len": T, "train.global_batch": 8, "train.micro_batch": micro,
+                               "train.nproc": world, "train.peak_flops": 1e12})
+    build(root, "t", docs, cfg)
+    run = Storage(root).sub("t")
+    ctx = StageContext("train", "t", cfg, run, run.sub("train"), load_inputs(run, "train"), str(tmp_path / "w"))
+    tok, shards = train._check_inputs(cfg.train, ctx)
+    spec = train._spec(cfg.train, ctx, tok, shards)
+    index = run.sub("shard").read_json("index.json")["train"]
+    assert spec["train_shards"] == [e["path"] for e in index]
+    with caplog.at_level(logging.INFO, logger="kiln.train"):
+        mix = train._mixture(ctx)
+    shard_mix = run.sub("shard").read_json("mixture.json")
+    assert mix["shares"] == {d: v["share"] for d, v in shard_mix["domains"].items()} and mix["tokens"] > 0
+    assert mix["reweight_mixture_sha256"] == shard_mix["reweight_mixture_sha256"]
+    assert "data mixture by domain" in caplog.text and "shakespeare" in caplog.text
+
+    ds, sampler = training_data(spec)
+    st = run.sub("shard")
+    tokens = [TokenShard(st, e["path"]).read_all() for e in index]  # read here, independently of the dataset
+    per_shard = [len(t) // (T + 1) for t in tokens]
+    first = np.concatenate([[0], np.cumsum(per_shard)])
+    consumed = []  # phase of every sequence in the order the ranks train on them
+    for step in range(sampler.per_epoch):
+        for rank in range(world):
+            idx = sampler.rank_batch(step, rank, world)
+            for j, (x, y) in enumerate(micro_batches(ds, idx, micro)):
+                for row_x, row_y, i in zip(x.numpy(), y.numpy(), idx[j * micro:(j + 1) * micro]):
+                    s = int(np.searchsorted(first, i, side="right")) - 1
+                    want = tokens[s][(i - first[s]) * (T + 1):(i - first[s] + 1) * (T + 1)]
+                    assert np.array_equal(row_x, want[:-1]) and np.array_equal(row_y, want[1:])
+                    consumed.append(index[s]["phase"])
+    assert len(consumed) == sampler.per_epoch * 8 and sorted(set(consumed)) == [0, 1, 2, 3]
+    assert consumed == sorted(consumed)  # phase 0 first, phase 3 last, never back
+    # the next epoch starts again from phase 0
+    assert {index[int(np.searchsorted(first, i, side="right")) - 1]["phase"]
+            for i in sampler.rank_batch(sampler.per_epoch, 0, world)} == {0}
+
+
+def test_truncated_shard_on_disk_is_caught_by_its_checksum(tmp_path):
+    """A token shard cut short on disk (os.truncate: the file itself, not a copy): the train stage refuses it before
+    starting torchrun, by the sha256 the shard manifest lists, with one line naming the file and saying it is
+    truncated; without checksums the size checks catch it too; a cut document index likewise."""
+    import os
+
+    from stages.train.data import ShardError, open_shards
+
+    root = str(tmp_path)
+    cfg = load_tiny(tmp_path, {**FAST, "train.global_batch": 8, "train.micro_batch": 2, "train.peak_flops": 1e12,
+                               "train.model.seq_len": 32})
+    m = build(root, "x", mixed_docs(40, 40, 10), cfg)
+    st = Storage(root).sub("x", "shard")
+    sums = {o["path"]: o["sha256"] for o in m["outputs"]}
+    rels = [p for p in sums if p.startswith("tokens/train/") and p.endswith(".bin")]
+    assert len(open_shards(st, rels, 2048, sums)) == 2  # intact: accepted
+    path = tmp_path / "x" / "shard" / "tokens" / "train" / "00001.bin"
+    size = path.stat().st_size
+    os.truncate(path, size - 1000)
+    with pytest.raises(StageError) as e:
+        run_stage("train", cfg, root, "x")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"train: {st.url('tokens/train/00001.bin')}: sha256 differs")
+    assert f"truncated: {size - 1000} bytes, its header says {size}" in msg
+    with pytest.raises(ShardError, match=rf"00001\.bin: size {size - 1000} bytes, header says {size} \(truncated"):
+        open_shards(st, rels, 2048)  # train.verify_shards false, and the evaluate stage
+    os.truncate(path, size - 1)  # half a token short
+    with pytest.raises(ShardError, match=r"sha256 differs .*truncated"):
+        open_shards(st, rels, 2048, sums)
+    path.write_bytes(b"")  # nothing left: not even a header
+    with pytest.raises(ShardError, match=r"00001\.bin: sha256 differs .*\(corrupt or changed"):
+        open_shards(st, rels, 2048, sums)
+    with pytest.raises(ShardError, match=r"00001\.bin: unreadable token shard"):
+        open_shards(st, rels, 2048)
+
+    m = build(root, "y", mixed_docs(40, 40, 10), cfg)
+    st = Storage(root).sub("y", "shard")
+    idx = tmp_path / "y" / "shard" / "tokens" / "train" / "00000.idx"
+    os.truncate(idx, idx.stat().st_size - 8)  # the last offset gone
+    with pytest.raises(ShardError, match=r"00000\.idx: sha256 differs"):
+        open_shards(st, rels, 2048, {o["path"]: o["sha256"] for o in m["outputs"]})
+    with pytest.raises(ShardError, match=r"00000\.idx: not the document index of \d+ documents .*truncated"):
+        open_shards(st, rels, 2048)
+
+
+def test_uint32_tokens_when_the_vocabulary_does_not_fit_uint16(tmp_path):
+    """Vocabularies over 65,536 ids get 4-byte tokens: header, file size, ids above 65,535 intact through the shard
+    reader and the training reader; the writer refuses an id outside the vocabulary."""
+    from stages.core.tokens import TokenShardWriter, dtype_for_vocab
+    from stages.train.data import WindowDataset, open_shards
+
+    assert dtype_for_vocab(65536) == np.dtype("<u2") and dtype_for_vocab(65537) == np.dtype("<u4")
+    # real token sequences (a trained tokenizer's ids on Tiny Shakespeare) spread over a 100k vocabulary
+    cfg = load_tiny(tmp_path, FAST)
+    build(str(tmp_path), "v", mixed_docs(20, 20, 0), cfg)
+    sp = spm.SentencePieceProcessor(
+        model_proto=Storage(str(tmp_path)).sub("v", "tokenizer").read_bytes("tokenizer.model"))
+    texts = [d["text"] for d in mixed_docs(0, 12, 0)]
+    seqs = [np.asarray(ids, dtype=np.int64) * 48 + 7 for ids in sp.encode(texts)]  # ids up to 2047*48+7 = 98,263
+    assert max(int(s.max()) for s in seqs) > 65535
+    w = TokenShardWriter(str(tmp_path / "big.bin"), str(tmp_path / "big.idx"), vocab_size=100_000, eos_id=99_999)
+    w.add_many(seqs[:-1])
+    w.add(seqs[-1].tolist())
+    n = w.close()["tokens"]
+    raw = (tmp_path / "big.bin").read_bytes()
+    assert len(raw) == 64 + 4 * n and raw[12:16] == (4).to_bytes(4, "little")
+    st = Storage(str(tmp_path))
+    shard = TokenShard(st, "big.bin")
+    assert shard.header["dtype"] == np.dtype("<u4") and shard.header["vocab_size"] == 100_000
+    for i in (0, 5, len(seqs) - 1):
+        assert shard.document(i).tolist() == seqs[i].tolist() + [99_999]
+    ds = WindowDataset(open_shards(st, ["big.bin"], 100_000), 65)
+    assert np.array_equal(ds[3], np.concatenate([np.append(s, 99_999) for s in seqs])[3 * 65:4 * 65])
+    bad = TokenShardWriter(str(tmp_path / "bad.bin"), str(tmp_path / "bad.idx"), vocab_size=100_000, eos_id=2)
+    with pytest.raises(ValueError, match="out of range"):
+        bad.add([100_000])
+    bad.abort()
+
+
+def test_readme_documents_the_binary_format_the_code_writes(tmp_path):
+    """The README's table of the token-shard header (offset, size, field) is checked against the bytes the writer
+    puts at each offset, and its .idx description against the index file."""
+    import re
+
+    from conftest import ROOT
+
+    from stages.core.tokens import TokenShardWriter, dtype_for_vocab
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("<!-- tokens-format -->"):]
+    section = section[:section.index("\n## ")]
+    rows = [(int(o), s.strip(), f.strip()) for o, s, f in re.findall(r"^\| (\d+) \| (\d+|…) \| (.+?) \|$", section, re.M)]
+    w = TokenShardWriter(str(tmp_path / "s.bin"), str(tmp_path / "s.idx"), vocab_size=4096, eos_id=2)
+    w.add([10, 11, 12])
+    w.add([13])
+    w.close()
+    raw, idx = (tmp_path / "s.bin").read_bytes(), (tmp_path / "s.idx").read_bytes()
+    want = {"magic": b"KILNTOK\0", "version": 1, "bytes per token": 2, "number of tokens": 6,
+            "number of documents": 2, "vocabulary size": 4096, "EOS id": 2, "reserved": 0}
+    seen, end = set(), 0
+    for off, size, field in rows:
+        assert off == end, f"README table: field at {off} does not follow the previous one (ends at {end})"
+        if size == "…":
+            assert "tokens" in field and "EOS" in field
+            assert np.frombuffer(raw[off:], "<u2").tolist() == [10, 11, 12, 2, 13, 2]
+            break
+        key = next(k for k in want if field.startswith(k) or field.lower().startswith(k.lower()))
+        chunk = raw[off:off + int(size)]
+        if key == "magic":
+            assert chunk == b"KILNTOK\0" and "`KILNTOK\\0`" in field
+        else:
+            width = re.match(r"[^(]*\(uint(\d+)\)", field)  # the field's own type: "version (uint32) = 1"
+            assert width is None or int(width[1]) == 8 * int(size), field  # the stated type has the stated size
+            assert int.from_bytes(chunk, "little") == want[key], (field, chunk)
+        seen.add(key)
+        end = off + int(size)
+    assert seen == set(want) and end == 64
+    limit = int(re.search(r"2 \(uint16[^)]*vocabulary ≤ ([\d,]+)\) or 4 \(uint32", section)[1].replace(",", ""))
+    assert dtype_for_vocab(limit).itemsize == 2 and dtype_for_vocab(limit + 1).itemsize == 4
+    # .idx: magic, the number of documents (uint64), then n+1 uint64 token offsets
+    assert "`KILNIDX\\0`" in section and "n+1 uint64 token offsets" in section
+    assert idx[:8] == b"KILNIDX\0" and int.from_bytes(idx[8:16], "little") == 2
+    assert np.frombuffer(idx[16:], "<u8").tolist() == [0, 4, 6] and len(idx) == 16 + 8 * 3

@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from stages.core.tokens import HEADER_BYTES, TokenShard
+from stages.core.tokens import _IDX_HDR, HEADER_BYTES, IDX_MAGIC, TokenShard
 
 
 class ShardError(ValueError):
@@ -31,32 +31,58 @@ class ShardError(ValueError):
 
 def open_shards(storage, rels: list[str], vocab_size: int | None = None,
                 sha256: dict[str, str] | None = None) -> list[TokenShard]:
-    """Open and check shards: header, file size against the header, vocabulary, the .idx beside it, and
-    (``sha256``: {rel: hex digest} from the shard manifest) the checksum of the shard and its index."""
+    """Open and check shards: header, file size against the header, vocabulary, the .idx beside it (magic, and its
+    size against the shard's document count), and (``sha256``: {rel: hex digest} from the shard manifest) the
+    checksum of the shard and its index. With checksums the checksum is compared first, so a damaged file (cut,
+    grown, or one bit changed) is always reported as a checksum mismatch, saying also whether its size disagrees
+    with its header (truncated); without, the size checks still catch a cut file."""
     if not rels:
         raise ShardError(f"no token shards found in {storage.url()}")
     shards = []
     for rel in rels:
-        url = storage.url(rel)
+        url, idx = storage.url(rel), rel[:-4] + ".idx"
         if not storage.exists(rel):
             raise ShardError(f"{url}: token shard missing")
         try:
-            sh = TokenShard(storage, rel)
+            sh, bad = TokenShard(storage, rel), None
         except Exception as e:  # noqa: BLE001 - any failure to parse is a bad shard
-            raise ShardError(f"{url}: unreadable token shard ({e})") from None
-        want = HEADER_BYTES + sh.n_tokens * sh.dtype.itemsize
-        if storage.size(rel) != want:
-            raise ShardError(f"{url}: size {storage.size(rel)} bytes, header says {want} (truncated or corrupt)")
+            sh, bad = None, e
+        size = storage.size(rel)
+        want = None if sh is None else HEADER_BYTES + sh.n_tokens * sh.dtype.itemsize
+        if sha256 and rel in sha256 and storage.sha256(rel) != sha256[rel]:
+            why = ("corrupt or changed since the shard stage wrote it" if want in (None, size) else
+                   f"{'truncated' if size < want else 'longer than its header says'}: {size} bytes, its header "
+                   f"says {want}")
+            raise ShardError(f"{url}: sha256 differs from the shard manifest's ({why})")
+        if sh is None:
+            raise ShardError(f"{url}: unreadable token shard ({bad})")
+        if size != want:
+            raise ShardError(f"{url}: size {size} bytes, header says {want} (truncated or corrupt)")
         if vocab_size is not None and sh.header["vocab_size"] != vocab_size:
             raise ShardError(f"{url}: vocabulary {sh.header['vocab_size']} != tokenizer's {vocab_size}")
-        if not storage.exists(rel[:-4] + ".idx"):
-            raise ShardError(f"{storage.url(rel[:-4] + '.idx')}: document index missing")
-        for r in (rel, rel[:-4] + ".idx") if sha256 else ():
-            if r in sha256 and storage.sha256(r) != sha256[r]:
-                raise ShardError(f"{storage.url(r)}: sha256 differs from the shard manifest's (corrupt or "
-                                 "changed since the shard stage wrote it)")
+        if not storage.exists(idx):
+            raise ShardError(f"{storage.url(idx)}: document index missing")
+        if sha256 and idx in sha256 and storage.sha256(idx) != sha256[idx]:
+            raise ShardError(f"{storage.url(idx)}: sha256 differs from the shard manifest's (corrupt or changed "
+                             "since the shard stage wrote it)")
+        want_idx = _IDX_HDR.size + 8 * (sh.header["n_docs"] + 1)
+        if storage.size(idx) != want_idx or _IDX_HDR.unpack(storage.read_bytes(idx, 0, _IDX_HDR.size)) != (
+                IDX_MAGIC, sh.header["n_docs"]):
+            raise ShardError(f"{storage.url(idx)}: not the document index of {sh.header['n_docs']} documents "
+                             f"({storage.size(idx)} bytes, expected {want_idx}: truncated or corrupt)")
         shards.append(sh)
     return shards
+
+
+def training_data(spec: dict) -> tuple[WindowDataset, BatchSampler]:
+    """The dataset and batch sampler every rank builds from the train stage's spec (``stages.train._spec``):
+    the spec's train shards in their listed order, windows of ``seq_len + 1``, the curriculum phases of the shard
+    paths. Kept here so tests can check the data order of a train run without starting torchrun."""
+    from stages.core.storage import Storage
+
+    shards = open_shards(Storage(spec["shards_uri"]), spec["train_shards"], spec["model"]["vocab_size"])
+    ds = WindowDataset(shards, spec["model"]["seq_len"] + 1)
+    return ds, BatchSampler(len(ds), spec["train"]["global_batch"], spec["seed"], phases=ds.phases)
 
 
 def shard_phase(rel: str) -> int:

@@ -76,6 +76,12 @@ def test_shares_match_target_within_one_percent_and_run_is_deterministic(tmp_pat
         d = mix["domains"][dom]
         target = weights.get(dom, 1.0) * nbytes[dom] / mass  # P(i) = w_i·|D_i| / Σ w_j·|D_j|, |D| in tokens
         assert d["docs"] == n and d["bytes"] == nbytes[dom] and d["share_target"] == pytest.approx(target, abs=1e-5)
+        # the report per domain: documents, bytes, estimated tokens and share, before and after
+        assert d["est_tokens"] == round(nbytes[dom] / 4.0) and d["share_before"] == round(nbytes[dom] / sum(nbytes.values()), 6)
+        out_dom = [o for o in out if o["metadata"]["domain"] == dom]
+        assert d["docs_after"] == len(out_dom) and d["bytes_after"] == sum(len(o["text"].encode()) for o in out_dom)
+        assert d["est_tokens_after"] == round(d["bytes_after"] / 4.0)
+        assert m["metrics"]["mixture"][dom] == {k: d[k] for k in ("share_before", "share_target", "share_after", "epochs")}
         realised = sum(len(o["text"].encode()) for o in out if o["metadata"]["domain"] == dom) / out_bytes
         assert realised == pytest.approx(d["share_after"], abs=1e-5)
         assert abs(realised - target) < 0.01, (dom, realised, target)  # the 1%

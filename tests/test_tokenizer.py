@@ -117,3 +117,40 @@ def test_chunks_keep_text_and_respect_the_limit():
     text = (SHARED / "eval" / "tinyshakespeare" / "input.txt").read_text()[:50000] + "x" * 9000 + "é" * 5000
     parts = list(_chunks(text, 4096))
     assert "".join(parts) == text and max(len(p.encode()) for p in parts) <= 4096
+
+
+def test_sample_is_capped_so_training_does_not_grow_with_the_corpus(tmp_path):
+    """The corpus grows 3x (more real documents of the same three domains, and reweighting copies): the training
+    sample stays at the cap (within one document), deterministic for a given corpus; the held-out stats are
+    exactly what the saved model gives on the held-out documents (bytes/token overall and per domain, byte-fallback
+    share, vocabulary byte coverage)."""
+    from test_shard import with_copies
+
+    root, cap = str(tmp_path), 400_000
+    cfg = load_tiny(tmp_path, {**FAST, "tokenizer.sample_bytes": cap, "tokenizer.vocab_size": 1000,
+                               "tokenizer.heldout_fraction": 0.1})
+    small, big = mixed_docs(60, 60, 20), with_copies(mixed_docs())
+    sizes = {}
+    for run, docs in (("small", small), ("big", big)):
+        seed_split(root, run, "reweight", docs)
+        m = run_stage("tokenizer", cfg, root, run)
+        sizes[run] = sum(len(d["text"].encode()) for d in docs)
+        biggest = max(len(d["text"].encode()) for d in docs)
+        assert cap <= m["counts"]["sample_bytes"] < cap + biggest and m["counts"]["documents_in"] == len(docs)
+    assert sizes["big"] > 3 * sizes["small"] > 3 * cap
+
+    sp, _, stats = load_sp(root, "big")
+    by_id = {d["id"]: d for d in big}
+    texts = [by_id[i]["text"] for i in stats["heldout_ids"]]
+    assert all("#r" not in i for i in stats["heldout_ids"]) and len(texts) == stats["heldout_docs"] > 0
+    ids = sp.encode(texts)
+    n_tok, n_bytes = sum(map(len, ids)), sum(len(t.encode()) for t in texts)
+    n_fallback = sum(sp.is_byte(i) for s in ids for i in s)
+    assert n_fallback > 0  # the held-out text has characters outside the 1,000-piece vocabulary
+    assert stats["bytes_per_token"] == round(n_bytes / n_tok, 4) and stats["heldout_tokens"] == n_tok
+    assert stats["byte_fallback_share"] == round(n_fallback / n_tok, 5)
+    assert stats["vocab_byte_coverage"] == round(1 - n_fallback / n_bytes, 5)
+    for dom, v in stats["bytes_per_token_by_domain"].items():
+        mine = [(t, s) for t, s, i in zip(texts, ids, stats["heldout_ids"]) if by_id[i]["metadata"]["domain"] == dom]
+        assert v["docs"] == len(mine) and v["tokens"] == sum(len(s) for _, s in mine)
+        assert v["bytes_per_token"] == round(sum(len(t.encode()) for t, _ in mine) / v["tokens"], 4)

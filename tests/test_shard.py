@@ -99,15 +99,21 @@ def test_token_shards_decode_to_parquet_rows(tmp_path):
 def test_split_is_stable_when_the_input_grows(tmp_path):
     root = str(tmp_path)
     cfg = load_tiny(tmp_path, {**FAST, "run.seed": 7})
-    small, big = mixed_docs(60, 60, 15), mixed_docs(181, 200, 60)
+    big = mixed_docs(181, 200, 60)
+    small = [d for i, d in enumerate(big) if i % 11]  # the rebuild has 10% more documents (400 -> 441)
+    assert len(small) == 400 and len(big) == 441
     build(root, "small", small, cfg)
     m = build(root, "big", big, cfg)
     a, b = read_split(Storage(root).sub("small", "shard")), read_split(Storage(root).sub("big", "shard"))
-    assert set(a) < set(b)
+    assert set(a) < set(b) and len(a) == 400
     assert {i: b[i] for i in a} == a  # no document switched sides
     assert {i: split_of(i, 0.05) for i in a} == a  # the split ignores the run seed
     assert m["counts"]["docs_val"] > sum(s == "validation" for s in a.values()) > 0
     assert 0.02 < m["metrics"]["val_share_docs"] < 0.09
+    # the ratio is a config choice: a larger one only moves documents from train to validation
+    for frac in (0.2, 0.5):
+        val = {i for i in b if split_of(i, frac) == "validation"}
+        assert {i for i in b if b[i] == "validation"} <= val and abs(len(val) / len(b) - frac) < 0.06
 
 
 def test_empty_validation_split(tmp_path):

@@ -6,13 +6,14 @@ and a worker can run the flow with nothing but the repository.
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import re
 import threading
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (create_image_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
@@ -22,6 +23,7 @@ from stages import STAGES
 from stages.core import report, summary
 from stages.core.config import ConfigError, default_run_id, load_config, storage_uri
 from stages.core.runner import RunLocked, StageError, progress_hook, run_lock, run_stage
+from stages.core.storage import Storage
 
 
 @task(cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2,
@@ -123,13 +125,35 @@ def write_and_publish_report(uri: str, run_id: str) -> dict:
 
 
 def publish_report(rep: dict) -> dict[str, str]:
-    """The run report as Prefect artifacts (inside a flow run): report.md as markdown (plots linked by their
-    storage URLs), the funnel and the evaluation metrics as tables. Returns artifact key -> kind."""
-    rid, keys = rep["run_id"], {}
+    """The run report as Prefect artifacts (inside a flow run): the removed samples of every stage that keeps
+    them as tables (``kiln-removed-<stage>-<run>``), report.md as markdown (plots linked by their storage URLs,
+    removed samples by file and by their table artifact in the UI: ``$PREFECT_UI_URL/artifacts/key/<key>``),
+    every plot as an image artifact (``kiln-plot-<name>-<run>``, the PNG as a data URL), the funnel and the
+    evaluation metrics as tables. Returns artifact key -> kind."""
+    from prefect.settings import PREFECT_UI_URL
+
+    rid, keys, links = rep["run_id"], {}, {}
+    ui = (PREFECT_UI_URL.value() or "").rstrip("/")
+    for stage, e in (rep.get("removed") or {}).items():
+        for i, s in enumerate(e.get("samples") or []):
+            rows = report.sample_rows(s["url"])
+            if not rows:
+                continue
+            k = artifact_key("removed", f"{stage}{f'-{i}' if i else ''}-{rid}")
+            create_table_artifact(key=k, table=rows, description=f"Kiln run {rid}: documents {stage} removed "
+                                                                 f"(sample kept in {s['url']})")
+            keys[k], links[s["url"]] = "table", (k, f"{ui}/artifacts/key/{k}")
     k = artifact_key("report", rid)
-    create_markdown_artifact(key=k, markdown=report.render_markdown(rep, rep.get("plots") or {}),
+    create_markdown_artifact(key=k, markdown=report.render_markdown(rep, rep.get("plots") or {}, links),
                              description=f"Kiln run {rid}: funnel, mixes, tokenizer, training, evaluation, lineage")
     keys[k] = "markdown"
+    for name, url in (rep.get("plots") or {}).items():  # the PNG inline: a storage path does not open in a browser
+        parent, base = url.rsplit("/", 1)
+        png = base64.b64encode(Storage(parent).read_bytes(base)).decode()
+        k = artifact_key("plot", f"{name.rsplit('.', 1)[0]}-{rid}")
+        create_image_artifact(image_url=f"data:image/png;base64,{png}", key=k,
+                              description=f"Kiln run {rid}: {name} ({url})")
+        keys[k] = "image"
     k = artifact_key("funnel", rid)
     create_table_artifact(key=k, table=report.funnel_table(rep), description=f"Kiln run {rid}: data funnel per stage")
     keys[k] = "table"

@@ -33,6 +33,7 @@ SMALL = {"run.workers": 1, "dedup.index": None,  # no cross-run index: run b wou
                             "format": "wikitext", "max_tokens": 1024}],
          "evaluate.generate": {"prompts": ["The Django"], "max_new_tokens": 4, "samples": 1}}
 STRICTER = {"filter.gopher_quality.max_non_alpha_words_ratio": 0.8}  # run b: Gopher's published value
+RUN_OVERRIDES: dict[str, dict] = {}  # run id -> the profile overrides it ran with (set by the runs fixture)
 
 
 def write_slice(dst) -> int:
@@ -70,7 +71,8 @@ def runs(tmp_path_factory):
     last_word = [{"name": "shakespeare-last-word", "path": str(tmp / "last_word.jsonl")}]
     storage = str(tmp / "art")
     for rid, extra in (("a", {}), ("b", STRICTER)):
-        cfg = load_tiny(tmp, {**SMALL, "ingest.inputs": [str(warc)], "evaluate.last_word": last_word, **extra})
+        RUN_OVERRIDES[rid] = {**SMALL, "ingest.inputs": [str(warc)], "evaluate.last_word": last_word, **extra}
+        cfg = load_tiny(tmp, RUN_OVERRIDES[rid])
         for stage in STAGES:
             run_stage(stage, cfg, storage, rid)
     return storage
@@ -174,7 +176,21 @@ def test_written_report_files_and_plots_are_real_pngs(runs):
     out = Storage(runs).sub("a", "report")
     assert json.loads(out.read_bytes("report.json"))["funnel"] == rep["funnel"]
     md = out.read_bytes("report.md").decode()
-    assert set(rep["plots"]) == {"training.png", "throughput.png", "funnel.png", "domain_mix.png"}
+    assert set(rep["plots"]) == {"training.png", "throughput.png", "funnel.png", "domain_mix.png", "evaluation.png"}
+    texts = {}
+    assert set(report.plots(rep, texts)) == set(texts) == set(rep["plots"])
+    for name, t in texts.items():  # every plot: a title, both axes labelled, a legend wherever it draws several series
+        main = [a for a in t["axes"] if a["xlabel"]]
+        assert main and all(a["title"] and a["ylabel"] and [x for x in a["xticks"] if x] for a in main), name
+        assert all(a["ylabel"] for a in t["axes"]), name  # twin axes (learning rate, tokens) labelled too
+        assert "run a" in t["suptitle"] + " ".join(a["title"] for a in t["axes"]), name
+    assert texts["training.png"]["axes"][0]["legend"] == ["train loss", "validation loss (evaluate)", "learning rate"]
+    assert texts["domain_mix.png"]["axes"][0]["xticks"] == sorted(rep["mixture"]["domains"])
+    assert texts["funnel.png"]["axes"][0]["xticks"] == ["records"] + [r["stage"] for r in rep["funnel"]
+                                                                      if r["documents_out"] is not None]
+    ev_sets = sorted(n for n, s in rep["evaluation"]["sets"].items() if s.get("bits_per_byte") is not None)
+    assert texts["evaluation.png"]["axes"][0]["legend"] == ev_sets  # one bits/byte curve per set
+    assert texts["evaluation.png"]["axes"][0]["xticks"] == ["2", "4"]  # the two checkpoints
     for name in rep["plots"]:
         data = out.read_bytes(f"plots/{name}")
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and f"](plots/{name})" in md
@@ -238,6 +254,84 @@ def test_cli_report_and_compare(runs, capsys):
     assert "Kiln runs 'a' vs 'b'" in out and "config filter: gopher_quality.max_non_alpha_words_ratio" in out
     assert main(["report", "--storage", runs, "--compare", "a", "nope"]) == 1
     assert "run 'nope' has no stage manifest" in capsys.readouterr().err
+
+
+def _funnel_line(r: dict) -> str:
+    """The regex of a funnel row as printed: stage, records (ingest) or documents in, documents out, MB, tokens."""
+    def n(v, est=False):
+        return "-" if v is None else ("~" if est else "") + f"{v:,}"
+    mb = "-" if r["bytes_out"] is None else f"{r['bytes_out'] / 1e6:.2f}"
+    docs_in = r["records_in"] if r["records_in"] is not None else r["documents_in"]
+    return (rf"(?m)^{r['stage']}\s+{re.escape(n(docs_in))}\s+{re.escape(n(r['documents_out']))}\s+{re.escape(mb)}\s+"
+            rf"{re.escape(n(r['tokens'], r['tokens_estimated']))}\s")
+
+
+def test_run_summary_prints_the_report_funnel(runs):
+    """The end-of-run table (`kiln run`, `make demo`) is the report's funnel: the same rows, the manifests' counts."""
+    from stages.core import summary
+
+    rep, s, ms = report.build(runs, "a"), summary.collect(runs, "a"), _manifests(runs, "a")
+    assert [{k: v for k, v in r.items() if k != "skipped"} for r in s["stages"]] == rep["funnel"]
+    text = summary.render(s)
+    for r in rep["funnel"]:
+        c = ms[r["stage"]]["counts"]
+        assert (r["documents_out"], r["bytes_out"]) == (c.get("documents_out"), c.get("bytes_out"))
+        assert re.search(_funnel_line(r), text), r["stage"]
+        assert re.search(_funnel_line(r), report.render_funnel(rep)), r["stage"]  # `kiln report` prints the same
+    assert "reweight" in text and f"+upsampled={ms['reweight']['counts']['added']['upsampled']}" in text
+
+
+def test_kiln_run_prints_the_funnel_and_publishes_the_report(runs, capsys):
+    """`kiln run` over the finished run "a" (every stage skipped by its manifest): the funnel printed at the end
+    is the report's, and the flow run publishes the report as Prefect artifacts: report.md (markdown), the funnel
+    and evaluation tables, every plot (PNG bytes equal to storage's), and the removed samples as tables that
+    report.md links."""
+    import asyncio
+    import base64
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.cli import main
+
+    args = ["run", "--storage", runs, "--run-id", "a"]
+    for k, v in RUN_OVERRIDES["a"].items():
+        args += ["--set", f"{k}={json.dumps(v)}"]
+    with prefect_test_harness(server_startup_timeout=120):
+        assert main(args) == 0
+        out = capsys.readouterr().out
+
+        async def read():
+            async with get_client() as client:
+                arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="kiln-")))
+                return {a.key: a for a in arts}
+
+        arts = asyncio.run(read())
+    rep = report.build(runs, "a")
+    for r in rep["funnel"]:
+        assert re.search(_funnel_line(r) + r"\s*skip", out), r["stage"]  # skipped by its manifest, same numbers
+    assert f"report: {Storage(runs).sub('a', 'report').url('report.md')}" in out
+
+    def data(key):
+        d = arts[key].data
+        return json.loads(d) if isinstance(d, str) and arts[key].type == "table" else d
+
+    assert arts["kiln-report-a"].type == "markdown" and "## Data funnel" in data("kiln-report-a")
+    assert data("kiln-funnel-a") == json.loads(json.dumps(report.funnel_table(rep)))
+    assert [r["set"] for r in data("kiln-eval-a")] == [r["set"] for r in report.eval_table(rep)]
+    root = Storage(runs).sub("a")
+    for name in ("training", "throughput", "funnel", "domain_mix", "evaluation"):
+        url = data(f"kiln-plot-{name.replace('_', '-')}-a")
+        assert base64.b64decode(url.split(",", 1)[1]) == root.read_bytes(f"report/plots/{name}.png")
+    for stage, file in (("filter", "removed_samples.jsonl.gz"), ("dedup", "duplicates.jsonl.gz")):
+        key, url = f"kiln-removed-{stage}-a", root.sub(stage).url(file)
+        rows = data(key)
+        assert rows == json.loads(json.dumps(report.sample_rows(url)))
+        assert len(rows) == len(gzip.decompress(root.read_bytes(f"{stage}/{file}")).splitlines()) > 0
+        assert re.search(rf"samples: \[{re.escape(url)}\]\(.*Prefect artifact \[{key}\]\([^)]*/artifacts/key/{key}\)",
+                         data("kiln-report-a"))
+    assert {r["filter"] for r in data("kiln-removed-filter-a")} == set(rep["removed"]["filter"]["samples"][0]["by_reason"])
 
 
 def test_report_of_a_partial_run(runs, tmp_path):

@@ -84,7 +84,8 @@ def _outputs(m: dict) -> list[str]:
 
 
 # -- sections ------------------------------------------------------------------------------------------------
-def _funnel(ms: dict, root: Storage) -> list[dict]:
+def funnel(ms: dict, root: Storage) -> list[dict]:
+    """The data funnel from the manifests (stage -> manifest): one row per stage; the run summary prints these."""
     bpt = (ms.get("tokenizer") or {}).get("metrics", {}).get("bytes_per_token")
     rows = []
     for stage, m in ms.items():
@@ -266,7 +267,7 @@ def build(storage: str | Storage, run_id: str) -> dict:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return {"run_id": run_id, "location": root.url(), "generated_at": now,
             "stages": list(ms), "complete": len(ms) == len(STAGES),
-            "funnel": _funnel(ms, root), "removed": _removed(ms, root), "dedup": _dedup(ms.get("dedup"), root),
+            "funnel": funnel(ms, root), "removed": _removed(ms, root), "dedup": _dedup(ms.get("dedup"), root),
             "languages": norm.get("languages"), "mixture": _mixture(ms, root), "tokenizer": _tokenizer(ms),
             "training": _training(ms, root), "evaluation": _evaluation(ms, root), "lineage": _lineage(ms, root),
             "config": {s: m.get("config") for s, m in ms.items()}}
@@ -282,17 +283,28 @@ def _fig(*a, **kw):
     return plt, plt.subplots(*a, **kw)
 
 
-def _png(plt, fig) -> bytes:
+def _png(plt, fig, texts: dict | None = None, name: str = "") -> bytes:
+    """The figure as PNG bytes; ``texts[name]``: what is written on it, per axes (title, x/y labels, legend
+    entries, tick labels) plus the figure's title, so a test can check every plot is labelled."""
     buf = io.BytesIO()
     fig.tight_layout()
+    if texts is not None:
+        axes = []
+        for a in fig.get_axes():
+            leg = a.get_legend()
+            axes.append({"title": a.get_title(), "xlabel": a.get_xlabel(), "ylabel": a.get_ylabel(),
+                         "legend": [t.get_text() for t in leg.get_texts()] if leg else [],
+                         "xticks": [t.get_text() for t in a.get_xticklabels()]})
+        texts[name] = {"suptitle": fig.get_suptitle(), "axes": axes}
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
 
 
-def plots(rep: dict) -> dict[str, bytes]:
-    """PNG bytes by file name: training (loss + lr), throughput (tokens/s), funnel (documents per stage),
-    domain_mix (shares before/after reweighting, realized token shares). A plot without data is left out."""
+def plots(rep: dict, texts: dict | None = None) -> dict[str, bytes]:
+    """PNG bytes by file name: training (loss + lr), throughput (tokens/s), funnel (documents, MB and tokens per
+    stage), domain_mix (shares before/after reweighting, realized token shares), evaluation (bits per byte per
+    set and validation loss per checkpoint). A plot without data is left out."""
     out, run = {}, rep["run_id"]
     curve = (rep.get("training") or {}).get("curve") or []
     pts = [r for r in curve if "loss" in r]
@@ -315,10 +327,10 @@ def plots(rep: dict) -> dict[str, bytes]:
             ax2.set_ylabel("learning rate")
             h2, l2 = ax2.get_legend_handles_labels()
             h, lab = h + h2, lab + l2
-        ax.legend(h, lab, loc="best")
+        ax.legend(h, lab, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(h), frameon=False)
         ax.set_title(f"Training loss and learning rate — run {run}")
         ax.grid(alpha=0.3)
-        out["training.png"] = _png(plt, fig)
+        out["training.png"] = _png(plt, fig, texts, "training.png")
     tps = [r for r in curve if "tokens_per_s" in r]
     if tps:
         plt, (fig, ax) = _fig(figsize=(7, 3.5))
@@ -328,21 +340,80 @@ def plots(rep: dict) -> dict[str, bytes]:
         ax.set_ylim(bottom=0)
         ax.set_title(f"Training throughput — run {run}")
         ax.grid(alpha=0.3)
-        out["throughput.png"] = _png(plt, fig)
+        out["throughput.png"] = _png(plt, fig, texts, "throughput.png")
     fun = [r for r in rep.get("funnel") or [] if r.get("documents_out") is not None]
     if fun:
-        plt, (fig, ax) = _fig(figsize=(7, 4))
+        plt, (fig, (ax, bx)) = _fig(1, 2, figsize=(11, 4.6))
         names = [r["stage"] for r in fun]
         docs = [r["documents_out"] for r in fun]
         if fun[0].get("records_in") is not None:
             names, docs = ["records"] + names, [fun[0]["records_in"]] + docs
-        bars = ax.bar(names, docs, color="tab:blue")
-        ax.bar_label(bars, labels=[f"{d:,}" for d in docs], fontsize=8)
-        ax.set_xlabel("stage (documents after it)")
+        bars = ax.bar(names, docs, color=["tab:gray"] * (len(names) - len(fun)) + ["tab:blue"] * len(fun))
+        ax.bar_label(bars, labels=[f"{d:,}" for d in docs], fontsize=7)
+        ax.set_xlabel("stage (documents after it; records: WARC records read)")
         ax.set_ylabel("documents")
-        ax.set_title(f"Data funnel — run {run}")
+        ax.set_ylim(top=max(docs) * 1.1)
+        ax.set_title("Documents after every stage")
         ax.tick_params(axis="x", rotation=30)
-        out["funnel.png"] = _png(plt, fig)
+        x = range(len(fun))
+        mb = [(r["bytes_out"] or 0) / 1e6 for r in fun]
+        bx.bar(list(x), mb, color="tab:blue", alpha=0.45, label="MB of text out")
+        bx.set_ylabel("MB of text (UTF-8)")
+        bx.set_ylim(bottom=0, top=max(mb + [1e-9]) * 1.15)
+        bx.set_xticks(list(x), [r["stage"] for r in fun], rotation=30)
+        bx.set_xlabel("stage")
+        tk = [(i, r["tokens"] / 1e6, r["tokens_estimated"]) for i, r in enumerate(fun) if _num(r.get("tokens"))]
+        handles = bx.get_legend_handles_labels()
+        if tk:
+            tx = bx.twinx()
+            tx.plot([i for i, _, _ in tk], [t for _, t, _ in tk], "s--", color="tab:red",
+                    label="M tokens (~ estimated before shard)")
+            real = [(i, t) for i, t, est in tk if not est]
+            if real:
+                tx.plot(*zip(*real), "s", color="tab:red", markersize=9, label="M tokens (shard, counted)")
+            tx.set_ylabel("million tokens")
+            tx.set_ylim(bottom=0, top=max(t for _, t, _ in tk) * 1.15)
+            h2 = tx.get_legend_handles_labels()
+            handles = (handles[0] + h2[0], handles[1] + h2[1])
+        bx.legend(*handles, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8, frameon=False)
+        bx.set_title("Bytes and tokens after every stage")
+        bx.grid(alpha=0.3)
+        fig.suptitle(f"Data funnel — run {run}")
+        out["funnel.png"] = _png(plt, fig, texts, "funnel.png")
+    ev = rep.get("evaluation") or {}
+    pts = ev.get("curve") or ([{"step": ev.get("step"), **{f"{n}.bits_per_byte": s.get("bits_per_byte")
+                                                           for n, s in (ev.get("sets") or {}).items()},
+                                "validation.loss": (ev.get("sets") or {}).get("validation", {}).get("loss")}]
+                              if ev.get("sets") else [])
+    pts = [c for c in pts if _num(c.get("step"))]
+    sets = sorted({k.rsplit(".", 1)[0] for c in pts for k, v in c.items()
+                   if k.endswith(".bits_per_byte") and _num(v)})
+    if pts and sets:
+        plt, (fig, (ax, bx)) = _fig(1, 2, figsize=(11, 4.6))
+        for n in sets:
+            xy = [(c["step"], c[f"{n}.bits_per_byte"]) for c in pts if _num(c.get(f"{n}.bits_per_byte"))]
+            ax.plot(*zip(*xy), "o-", label=n)
+        ax.set_xlabel("checkpoint (optimizer step)")
+        ax.set_ylabel("bits per byte (lower is better)")
+        ax.set_title("bits per byte per eval set (tokenizer-independent)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, len(sets)), frameon=False)
+        ax.grid(alpha=0.3)
+        xy = [(c["step"], c["validation.loss"]) for c in pts if _num(c.get("validation.loss"))]
+        if xy:
+            bx.plot(*zip(*xy), "o-", color="tab:green", label="validation loss (held-out shards)")
+        lw = ev.get("last_word") or {}
+        for n, t in lw.items():
+            if _num(t.get("accuracy")) and _num(ev.get("step")):
+                bx.plot([], [], " ", label=f"{n}: accuracy {t['accuracy']:.3f}, ppl {t.get('perplexity'):.4g}")
+        bx.set_xlabel("checkpoint (optimizer step)")
+        bx.set_ylabel("loss (nats / token)")
+        bx.set_title("validation loss")
+        bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+        bx.grid(alpha=0.3)
+        for a in (ax, bx):
+            a.set_xticks(sorted({c["step"] for c in pts}))
+        fig.suptitle(f"Evaluation per checkpoint — run {run}")
+        out["evaluation.png"] = _png(plt, fig, texts, "evaluation.png")
     mix = rep.get("mixture") or {}
     doms = mix.get("domains") or {}
     if doms and all(isinstance(v, dict) and "share_before" in v for v in doms.values()):
@@ -363,7 +434,7 @@ def plots(rep: dict) -> dict[str, bytes]:
         ax.set_ylabel("share of tokens")
         ax.set_title(f"Domain mix before / after reweighting — run {run}")
         ax.legend()
-        out["domain_mix.png"] = _png(plt, fig)
+        out["domain_mix.png"] = _png(plt, fig, texts, "domain_mix.png")
     return out
 
 
@@ -385,9 +456,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def funnel_table(rep: dict) -> list[dict]:
     """The funnel as flat rows (the Prefect table artifact and the CLI)."""
-    return [{"stage": r["stage"], "documents_in": r["documents_in"], "documents_out": r["documents_out"],
-             "bytes_out": r["bytes_out"], "tokens": r["tokens"], "tokens_estimated": r["tokens_estimated"],
-             "removed": ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v)} for r in rep["funnel"]]
+    return [{"stage": r["stage"], "records_in": r["records_in"], "documents_in": r["documents_in"],
+             "documents_out": r["documents_out"], "bytes_out": r["bytes_out"], "words_out": r["words_out"],
+             "tokens": r["tokens"], "tokens_estimated": r["tokens_estimated"],
+             "removed": ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v),
+             "added": ", ".join(f"{k}={v}" for k, v in r["added"].items() if v)} for r in rep["funnel"]]
 
 
 def eval_table(rep: dict) -> list[dict]:
@@ -398,19 +471,46 @@ def eval_table(rep: dict) -> list[dict]:
     return rows
 
 
-def render_funnel(rep: dict) -> str:
-    head = f"{'stage':<10} {'docs in':>9} {'docs out':>9} {'MB out':>8} {'tokens':>12}  removed"
+def render_funnel(rep: dict, wall_time: bool = False) -> str:
+    """The funnel as a fixed-width text table (``kiln report``; ``kiln run`` / ``make demo`` print it through
+    ``summary.render`` with ``wall_time``: seconds per stage, ``skip`` for a stage skipped by its manifest).
+    ``rep``: a report, or a run summary (its ``stages`` rows are the same ``funnel`` rows)."""
+    rows = rep["funnel"] if "funnel" in rep else rep["stages"]
+    head = f"{'stage':<10} {'records/docs in':>15} {'docs out':>9} {'MB out':>8} {'tokens':>12}"
+    head += f" {'time s':>7}  removed (+added)" if wall_time else "  removed (+added)"
     lines = [head, "-" * len(head)]
-    for r in rep["funnel"]:
+    for r in rows:
         mb = f"{r['bytes_out'] / 1e6:.2f}" if _num(r["bytes_out"]) else "-"
-        removed = ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v)
-        lines.append(f"{r['stage']:<10} {_n(r['documents_in']):>9} {_n(r['documents_out']):>9} {mb:>8} "
-                     f"{_n(r['tokens'], r['tokens_estimated']):>12}  {removed}")
+        removed = ", ".join([f"{k}={v}" for k, v in r["removed"].items() if v]
+                            + [f"+{k}={v}" for k, v in (r.get("added") or {}).items() if v])
+        docs_in = r.get("records_in") if r.get("records_in") is not None else r["documents_in"]
+        line = (f"{r['stage']:<10} {_n(docs_in):>15} {_n(r['documents_out']):>9} {mb:>8} "
+                f"{_n(r['tokens'], r['tokens_estimated']):>12}")
+        if wall_time:
+            w = r.get("wall_time_s")
+            line += f" {'skip' if r.get('skipped') else f'{w:.1f}' if _num(w) else '-':>7}"
+        lines.append(f"{line}  {removed}")
+    if any(r["tokens_estimated"] for r in rows):
+        lines.append("(~ tokens before sharding: bytes / the trained tokenizer's bytes per token)")
     return "\n".join(lines)
 
 
-def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
-    """report.md. ``plot_links``: file name -> link target (relative in storage, URLs for Prefect)."""
+def sample_rows(url: str, text_chars: int = 300) -> list[dict]:
+    """The rows of a removed-samples file (filter ``removed_samples.jsonl.gz``, dedup ``duplicates.jsonl.gz``) as
+    flat table rows (the Prefect table artifact of the removed samples): scalar fields as written, strings cut to
+    ``text_chars``."""
+    parent, name = url.rsplit("/", 1)
+    rows = []
+    for r in _read_jsonl(Storage(parent), name):
+        rows.append({k: (v[:text_chars] if isinstance(v, str) else v) for k, v in r.items()
+                     if v is None or isinstance(v, (str, int, float, bool))})
+    return rows
+
+
+def render_markdown(rep: dict, plot_links: dict[str, str] | None = None,
+                    sample_links: dict[str, tuple[str, str]] | None = None) -> str:
+    """report.md. ``plot_links``: file name -> link target (relative in storage, URLs for Prefect).
+    ``sample_links``: removed-samples file URL -> (artifact key, link) of its Prefect table artifact."""
     L = [f"# Kiln run report: `{rep['run_id']}`", "",
          f"Location: `{rep['location']}` · generated {rep['generated_at']}"
          + ("" if rep["complete"] else " · **incomplete run** (stages present: " + ", ".join(rep["stages"]) + ")"), ""]
@@ -437,8 +537,10 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
                      ", ".join(f"{k} {v}" for k, v in sub.items())] for f, sub in e["removed_reasons"].items()]
             L += [""] + _table(["filter", "documents", "bytes", "reasons"], rows)
         for s in e.get("samples", []):
+            art = (sample_links or {}).get(s["url"])
             L.append(f"samples: [{s['url']}]({s['url']}) ({s['rows']} documents: "
-                     + ", ".join(f"{k} {v}" for k, v in s["by_reason"].items()) + ")")
+                     + ", ".join(f"{k} {v}" for k, v in s["by_reason"].items()) + ")"
+                     + (f"; Prefect artifact [{art[0]}]({art[1]})" if art else ""))
         L.append("")
     d = rep.get("dedup")
     if d:
@@ -503,6 +605,8 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None) -> str:
         if ev.get("metrics") and not ev.get("sets"):
             L += _table(["metric", "value"],
                         [[k, _n(v)] for k, v in ev["metrics"].items() if not isinstance(v, (list, dict))])
+        if "evaluation.png" in links:
+            L += [f"![bits per byte and validation loss per checkpoint]({links['evaluation.png']})", ""]
         if ev.get("curve"):
             keys = sorted({k for c in ev["curve"] for k in c if k not in ("step", "checkpoint")})
             L += ["Per checkpoint:", ""] + _table(["step", *keys], [[_n(c.get("step")), *(_n(c.get(k)) for k in keys)]
@@ -583,7 +687,7 @@ def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
         rows += _rows(f"config {s}", _flat(A["config"].get(s) or {}), _flat(B["config"].get(s) or {}),
                       only_changed=True)
 
-    def funnel(rep):
+    def counts(rep):
         out = {}
         for r in rep["funnel"]:
             for k in ("documents_out", "bytes_out", "tokens"):  # estimated tokens: no (they move with the tokenizer)
@@ -610,7 +714,7 @@ def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
     def evals(rep):
         return {f"{r['set']} {k}": r[k] for r in eval_table(rep) for k in EVAL_KEYS if r.get(k) is not None}
 
-    for name, fn in (("funnel", funnel), ("removed", removed), ("mixture", mixture), ("tokenizer", tok),
+    for name, fn in (("funnel", counts), ("removed", removed), ("mixture", mixture), ("tokenizer", tok),
                      ("train", train), ("eval", evals)):
         rows += _rows(name, fn(A), fn(B))
     base = storage if isinstance(storage, Storage) else Storage(storage)

@@ -1,8 +1,12 @@
-"""The end-of-run summary: what every stage did to the data, read from the manifests alone."""
+"""The end-of-run summary: what every stage did to the data, read from the manifests alone.
+
+Its funnel rows are the run report's (``stages.core.report.funnel``: one function), so the table `kiln run` /
+`make demo` prints at the end is the report's data funnel, number for number."""
 
 from __future__ import annotations
 
 from stages import STAGES
+from stages.core.report import funnel, render_funnel
 from stages.core.runner import read_manifest
 from stages.core.storage import Storage
 
@@ -10,17 +14,7 @@ from stages.core.storage import Storage
 def collect(storage: str | Storage, run_id: str) -> dict:
     root = (storage if isinstance(storage, Storage) else Storage(storage)).sub(run_id)
     manifests = {s: m for s in STAGES if (m := read_manifest(root, s)) is not None}
-    bpt = (manifests.get("tokenizer") or {}).get("metrics", {}).get("bytes_per_token")
-    rows = []
-    for stage, m in manifests.items():
-        c = m.get("counts", {})
-        tokens, estimated = c.get("tokens_out"), False
-        if tokens is None and c.get("bytes_out") is not None and bpt:
-            tokens, estimated = round(c["bytes_out"] / bpt), True
-        rows.append({"stage": stage, "documents_in": c.get("documents_in"), "documents_out": c.get("documents_out"),
-                     "bytes_out": c.get("bytes_out"), "tokens": tokens, "tokens_estimated": estimated,
-                     "removed": c.get("removed") or {}, "wall_time_s": m.get("wall_time_s"),
-                     "skipped": bool(m.get("skipped"))})
+    rows = [{**r, "skipped": bool(manifests[r["stage"]].get("skipped"))} for r in funnel(manifests, root)]
     out = {"run_id": run_id, "location": root.url(), "stages": rows, "complete": len(manifests) == len(STAGES)}
     if "train" in manifests:
         t = manifests["train"]
@@ -53,16 +47,7 @@ def _eval_lines(ev) -> list[str]:
 
 
 def render(summary: dict) -> str:
-    head = f"{'stage':<10} {'docs in':>9} {'docs out':>9} {'MB out':>8} {'tokens':>12} {'time s':>7}  removed"
-    lines = [f"Kiln run '{summary['run_id']}' at {summary['location']}", head, "-" * len(head)]
-    for r in summary["stages"]:
-        mb = f"{r['bytes_out'] / 1e6:.2f}" if r["bytes_out"] is not None else "-"
-        removed = ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v) or ""
-        wall = "skip" if r["skipped"] else _n(r["wall_time_s"])
-        lines.append(f"{r['stage']:<10} {_n(r['documents_in']):>9} {_n(r['documents_out']):>9} {mb:>8} "
-                     f"{_n(r['tokens'], r['tokens_estimated']):>12} {wall:>7}  {removed}")
-    if any(r["tokens_estimated"] for r in summary["stages"]):
-        lines.append("(~ tokens before sharding are estimated from the trained tokenizer's bytes per token)")
+    lines = [f"Kiln run '{summary['run_id']}' at {summary['location']}", render_funnel(summary, wall_time=True)]
     if "checkpoint" in summary:
         t = summary["train"]
         extra = ", ".join(f"{k}={_n(t[k])}" for k in ("steps", "tokens_trained", "final_loss", "tokens_per_s") if k in t)

@@ -17,7 +17,9 @@ exp(-Σ loglik / Σ words), ``byte_perplexity`` = exp(-Σ loglik / Σ bytes), ``
 tokenizer; the word and byte ones do not, so runs with different tokenizers compare.
 
 ``last_word`` tasks (LAMBADA format): accuracy and perplexity of each passage's last word (lm-eval
-``lambada_openai``). ``generate``: greedy and top-k continuations of fixed prompts, in ``report.json`` and
+``lambada_openai``); passages from a JSONL file's ``text_field`` or cut from a plain-text file (``format:
+paragraphs``/``lines``, e.g. Tiny Shakespeare's speeches, ``min_words`` 25: no LAMBADA file ships with the
+shared data). ``generate``: greedy and top-k continuations of fixed prompts, in ``report.json`` and
 ``generations.md``.
 
 Checkpoints: ``checkpoint`` names a folder of the train output (``final``, ``step_000100`` =
@@ -61,6 +63,10 @@ class EvalSet(Strict):
 class LastWord(Strict):
     name: str = "lambada"
     path: str  # JSONL of passages, {"text": ...} (LAMBADA's format); .gz decompressed
+    # jsonl, or passages cut from a plain-text file (``paragraphs`` / ``lines``, whitespace runs made one space
+    # as in LAMBADA's one-line passages): a last-word task from any real text when no LAMBADA file is at hand
+    format: Literal["jsonl", "paragraphs", "lines"] = "jsonl"
+    min_words: int = Field(0, ge=0)  # passages with fewer words are left out (LAMBADA's have ~4 sentences)
     text_field: str = "text"
     max_examples: int = Field(5000, ge=1)  # the first N usable passages
     prefix_eos: bool = True  # EOS before the context: the document start the model was trained with
@@ -366,12 +372,20 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     tasks = {}
     for t in cfg.last_word:
         path = resolve_path(ctx.cfg, t.path)
-        passages, skipped = read_jsonl(_read_text(path, f"last-word task '{t.name}' at {path}"), t.text_field, path)
+        raw = _read_text(path, f"last-word task '{t.name}' at {path}")
+        if t.format == "jsonl":
+            passages, skipped = read_jsonl(raw, t.text_field, path)
+        else:
+            passages, skipped = [" ".join(p.split()) for p in split_documents(raw, t.format)], 0
+        short = sum(len(p.split()) < t.min_words for p in passages)
+        passages = [p for p in passages if len(p.split()) >= t.min_words]
         pairs, no_word = prepare_last_word(passages, sp, t.max_examples)
         if not pairs:
             raise StageError(f"evaluate: last-word task '{t.name}' at {path}: no usable passage "
-                             f"({skipped} lines skipped, {no_word} without a last word)")
-        tasks[t.name] = (pairs, t, {"path": path, "skipped_lines": skipped, "no_last_word": no_word})
+                             f"({skipped} lines skipped, {no_word} without a last word, {short} under "
+                             f"{t.min_words} words)")
+        tasks[t.name] = (pairs, t, {"path": path, "format": t.format, "skipped_lines": skipped,
+                                    "no_last_word": no_word, "too_short": short})
 
     def evaluate(m) -> dict:
         T = m.cfg.seq_len

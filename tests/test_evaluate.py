@@ -141,6 +141,61 @@ def test_score_docs_matches_hand_computation_for_any_window():
     assert n == 39 and nll == pytest.approx(_hand_nll(table, stream[:-1], stream[1:]), rel=1e-12)
 
 
+class Table(Bigram):
+    """A bigram model with given next-token probabilities (logits = their logs)."""
+
+    def __init__(self, probs):
+        super().__init__(len(probs))
+        self.table = torch.tensor(probs, dtype=torch.float64).log()
+
+
+def test_metrics_exact_numbers_on_a_hand_model():
+    """Every metric in exact numbers, computed on paper. Vocabulary 0-3, EOS = 3, next-token probabilities
+    powers of 2, so each token costs a whole number of bits. Document A = tokens [0, 1, 2] (3 words, 12 bytes):
+    p(0|EOS) = 1/2, p(1|0) = 1/4, p(2|1) = 1/8 -> 1 + 2 + 3 = 6 bits. Document B = [2, 2] (2 words, 8 bytes):
+    p(2|EOS) = 1/8, p(2|2) = 1/2 -> 3 + 1 = 4 bits. Summed over documents: 10 bits over 5 tokens, 5 words,
+    20 bytes: bits_per_byte = 10/20 = 0.5, byte_perplexity = 2^0.5, word_perplexity = 2^(10/5) = 4,
+    token perplexity = 2^(10/5) = 4, loss = 2 ln 2 nats, loglikelihood = -10 ln 2. Any context length."""
+    probs = [[1 / 8, 1 / 4, 1 / 2, 1 / 8],   # after 0
+             [1 / 2, 1 / 8, 1 / 8, 1 / 4],   # after 1
+             [1 / 8, 1 / 4, 1 / 2, 1 / 8],   # after 2
+             [1 / 2, 1 / 4, 1 / 8, 1 / 8]]   # after EOS (3)
+    docs = [([0, 1, 2], 3, 12), ([2, 2], 2, 8)]
+    for T in (1, 2, 3, 16):
+        r = eval_docs(Table(probs), docs, eos_id=3, T=T, batch_size=1)
+        assert (r["documents"], r["tokens"], r["words"], r["bytes"]) == (2, 5, 5, 20)
+        assert r["loglikelihood"] == pytest.approx(-10 * math.log(2), abs=1e-12)
+        assert (r["bits_per_byte"], r["word_perplexity"], r["perplexity"]) == (0.5, 4.0, 4.0)
+        assert (r["byte_perplexity"], r["loss"]) == (1.414214, 1.386294)  # 2^0.5 and 2 ln 2, rounded to 6 places
+    assert score_docs(Table(probs), [d[0] for d in docs], 3, T=2) == pytest.approx([6 * math.log(2), 4 * math.log(2)])
+    # the validation stream: tokens[1:] each predicted from its predecessor, the first token only read
+    nll, n = score_stream(Table(probs), [3, 0, 1, 2, 2], T=2)  # 1 + 2 + 3 + 1 bits
+    assert n == 4 and nll == pytest.approx(7 * math.log(2), abs=1e-12)
+
+
+def test_bits_per_byte_unchanged_when_the_text_is_windowed_differently(sp_tok):
+    """The same real text (Tiny Shakespeare speeches through the real tokenizer) cut into windows of 1 token up to
+    the longest document, scored in batches of 1 to 9 windows: a model whose prediction depends on the previous token only
+    must give the same bits per byte for every split iff every token is scored once with its true predecessor
+    (the first one after EOS). It does, to the last digit, and equals the pair sum computed with numpy."""
+    sp, tok = sp_tok
+    paras = _passages(8)
+    docs = prepare_docs(paras, sp, 100_000)
+    model = Bigram(sp.get_piece_size(), seed=7)
+    table = model.table.numpy()
+    nll = sum(_hand_nll(table, [tok["eos_id"]] + d[0][:-1], d[0]) for d in docs)
+    n_bytes = sum(len(p.encode()) for p in paras)
+    longest = max(len(d[0]) for d in docs)
+    splits, bpb = set(), set()
+    for T, bs in ((1, 9), (2, 1), (3, 4), (7, 2), (16, 3), (longest // 2 + 1, 5), (longest, 2)):
+        splits.add(sum(len(rolling_windows(d[0], tok["eos_id"], T)) for d in docs))
+        r = eval_docs(model, docs, tok["eos_id"], T, bs)
+        assert r["loglikelihood"] == pytest.approx(-nll, rel=1e-12) and r["bytes"] == n_bytes
+        bpb.add(r["bits_per_byte"])
+    assert len(splits) == 7 and longest // 2 > 16  # seven different splits, down to every document in one window
+    assert bpb == {round(nll / n_bytes / math.log(2), 6)}
+
+
 def test_lm_eval_metrics_by_hand(sp_tok):
     """word_perplexity, byte_perplexity and bits_per_byte summed over documents, against numpy, for real
     text through the real tokenizer; a uniform model gives them in closed form."""
@@ -318,6 +373,9 @@ def test_evaluate_report(trained):
     import sentencepiece as spm
 
     storage, facts, tmp = trained
+    paras = [" ".join(p.split()) for p in split_documents(SHAKESPEARE.read_text(encoding="utf-8"), "paragraphs")]
+    long = [p for p in paras if len(p.split()) >= 25]
+    (tmp / "speeches.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in long[:12]), encoding="utf-8")
     sets = [{"name": "wikitext-2", "path": "../../shared/data/eval/wikitext-2/valid.txt", "max_tokens": 3000},
             {"name": "ptb", "path": "../../shared/data/eval/ptb/ptb.valid.txt", "format": "lines", "max_tokens": 400},
             {"name": "shakespeare", "path": "../../shared/data/eval/tinyshakespeare/input.txt",
@@ -325,7 +383,11 @@ def test_evaluate_report(trained):
             {"name": "passages", "path": str(tmp / "lambada.jsonl"), "format": "jsonl", "max_tokens": 500}]
     cfg = load_tiny(None, {"evaluate.val_tokens": 3000, "evaluate.doc_tokens": 2500, "evaluate.sets": sets,
                            "evaluate.checkpoints": [],
-                           "evaluate.last_word": [{"path": str(tmp / "lambada.jsonl")}],
+                           "evaluate.last_word": [
+                               {"path": str(tmp / "lambada.jsonl")},
+                               {"name": "speeches", "path": "../../shared/data/eval/tinyshakespeare/input.txt",
+                                "format": "paragraphs", "min_words": 25, "max_examples": 12},
+                               {"name": "speeches-jsonl", "path": str(tmp / "speeches.jsonl")}],
                            "evaluate.generate": {"prompts": ["First Citizen:", "KING"], "max_new_tokens": 8,
                                                  "samples": 2}})
     m = run_stage("evaluate", cfg, storage, "run1")
@@ -362,6 +424,11 @@ def test_evaluate_report(trained):
     assert lw["examples"] == 30 and lw["skipped_lines"] == 1 and 0 <= lw["accuracy"] <= 1
     assert lw["perplexity"] == pytest.approx(math.exp(-lw["loglikelihood"] / 30), rel=1e-4)
     assert lw["perplexity"] > 50  # untrained: a whole word is far less likely than a token
+    # passages cut from the plain-text file = the same passages as LAMBADA-format JSONL: the same numbers
+    sp_, sj = report["last_word"]["speeches"], report["last_word"]["speeches-jsonl"]
+    assert sp_["examples"] == sj["examples"] == 12 and sp_["too_short"] == len(paras) - len(long) > 0
+    assert {k: sp_[k] for k in ("accuracy", "perplexity", "loglikelihood", "word_tokens")} == \
+           {k: sj[k] for k in ("accuracy", "perplexity", "loglikelihood", "word_tokens")}
     gens = report["generations"]
     assert [(g["prompt"], g["mode"], g["seed"]) for g in gens] == [
         ("First Citizen:", "greedy", None), ("First Citizen:", "top_k", 0), ("First Citizen:", "top_k", 1),
@@ -401,6 +468,27 @@ def test_checkpoint_series_and_uri(trained, s3_bucket):
     run_stage("evaluate", load_tiny(None, {**base, "evaluate.checkpoint": f"{s3_bucket}/ckpts/step3"}), storage, "run1")
     r = Storage(storage).sub("run1", "evaluate").read_json("report.json")
     assert r["checkpoint"] == f"{s3_bucket}/ckpts/step3" and r["sets"] == step3
+
+
+def test_cli_stage_evaluate_checkpoint(trained, capsys):
+    """`kiln stage evaluate --checkpoint URI|name`: any checkpoint folder, given on the command line."""
+    from flows.cli import main
+
+    storage, _, tmp = trained
+    local = str(tmp / "store" / "run1" / "train" / "checkpoints" / "step_000003")
+    common = ["--storage", storage, "--run-id", "run1", "--set", "evaluate.sets=[]", "--set", "evaluate.checkpoints=[]",
+              "--set", "evaluate.val_tokens=300", "--set", "evaluate.doc_tokens=300",
+              "--set", "evaluate.generate.prompts=[]"]
+    steps = {}
+    for ckpt in (local, "step_000003", "final"):
+        assert main(["stage", "evaluate", "--checkpoint", ckpt, *common]) == 0
+        assert "evaluate: done" in capsys.readouterr().out
+        r = Storage(storage).sub("run1", "evaluate").read_json("report.json")
+        steps[ckpt] = (r["step"], r["sets"]["validation"]["loglikelihood"])
+        assert r["checkpoint"].endswith("step_000003" if ckpt != "final" else "final")
+    assert steps[local] == steps["step_000003"] != steps["final"] and steps["final"][0] == 7
+    assert main(["stage", "train", "--checkpoint", local, *common]) == 2
+    assert "--checkpoint is for `kiln stage evaluate`" in capsys.readouterr().err
 
 
 def test_evaluate_missing_inputs_fail_clearly(trained):

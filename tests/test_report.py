@@ -142,6 +142,9 @@ def test_report_numbers_equal_the_manifests(runs):
     assert lw["examples"] == 20
     assert [c["step"] for c in rep["evaluation"]["curve"]] == [c["step"] for c in ev["curve"]] == [2, 4]
     assert rep["evaluation"]["curve"][-1]["validation.loss"] == ev["sets"]["validation"]["loss"]  # step 4 = final
+    for c, e in zip(rep["evaluation"]["curve"], ev["curve"]):  # the last-word task per checkpoint too
+        assert c["shakespeare-last-word.perplexity"] == e["last_word"]["shakespeare-last-word"]["perplexity"]
+    assert list(rep["evaluation"]["sets"])[:2] == ["validation", "validation_docs"]
 
 
 def test_lineage_hashes_are_the_manifests(runs, tmp_path):
@@ -204,6 +207,12 @@ def test_written_report_files_and_plots_are_real_pngs(runs):
     assert f"| filter | {f_row['documents_in']:,} | {f_row['documents_out']:,} | {f_row['bytes_out']:,} |" in md
     assert all(f"{k}={v}" in md for k, v in filt.items() if v)
     assert all(f"`{r['manifest_sha256']}`" in md for r in rep["lineage"])
+    gens = rep["evaluation"]["generations"]  # greedy and seeded top-k continuations of the profile's prompts
+    assert [(g["mode"], g["seed"]) for g in gens] == [("greedy", None), ("top_k", 0)]
+    for g in gens:
+        how = "greedy" if g["mode"] == "greedy" else f"top-{g['top_k']}, seed {g['seed']}"
+        assert f"- ({how}) **{g['prompt']}**{g['text'].replace(chr(10), ' ')}" in md
+    assert "| shakespeare-last-word | 20 |" in md  # the last-word task: examples, accuracy, perplexity
 
 
 def test_compare_two_runs_shows_what_changed(runs):

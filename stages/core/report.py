@@ -221,8 +221,9 @@ def _evaluation(ms: dict, root: Storage) -> dict | None:
     rep = _read_json(root.sub("evaluate"), "report.json") if "report.json" in _outputs(m) else None
     if not isinstance(rep, dict):
         return {"sets": {}, "metrics": m.get("metrics", {}), "report_url": None}
-    sets = {}
-    for name, s in (rep.get("sets") or {}).items():
+    sets, raw = {}, rep.get("sets") or {}
+    for name in sorted(raw, key=lambda n: (n not in ("validation", "validation_docs"), n)):  # held-out first
+        s = raw[name]
         if isinstance(s, dict):
             sets[name] = {k: s.get(k) for k in ("documents", "tokens", "words", "bytes", *EVAL_KEYS) if k in s}
     tasks = {n: {k: t.get(k) for k in ("examples", "accuracy", "perplexity") if k in t}
@@ -230,10 +231,12 @@ def _evaluation(ms: dict, root: Storage) -> dict | None:
     curve = []
     for c in rep.get("curve") or []:
         if isinstance(c, dict):
-            cs = c.get("sets") or {}
+            cs, lw = c.get("sets") or {}, c.get("last_word") or {}
             curve.append({"step": c.get("step"), "checkpoint": c.get("checkpoint"),
                           **{f"{n}.{k}": v.get(k) for n, v in cs.items() if isinstance(v, dict)
-                             for k in ("loss", "bits_per_byte") if v.get(k) is not None}})
+                             for k in ("loss", "bits_per_byte") if v.get(k) is not None},
+                          **{f"{n}.{k}": v.get(k) for n, v in lw.items() if isinstance(v, dict)
+                             for k in ("accuracy", "perplexity") if v.get(k) is not None}})
     gens = [{k: g.get(k) for k in ("prompt", "mode", "top_k", "seed", "text")} for g in rep.get("generations") or []
             if isinstance(g, dict)]
     return {"checkpoint": rep.get("checkpoint"), "step": rep.get("step"), "params": rep.get("params"), "sets": sets,
@@ -400,11 +403,12 @@ def plots(rep: dict, texts: dict | None = None) -> dict[str, bytes]:
         ax.grid(alpha=0.3)
         xy = [(c["step"], c["validation.loss"]) for c in pts if _num(c.get("validation.loss"))]
         if xy:
-            bx.plot(*zip(*xy), "o-", color="tab:green", label="validation loss (held-out shards)")
+            bx.plot(*zip(*xy), "o-", color="black", label="validation loss (held-out shards)")
         lw = ev.get("last_word") or {}
         for n, t in lw.items():
             if _num(t.get("accuracy")) and _num(ev.get("step")):
-                bx.plot([], [], " ", label=f"{n}: accuracy {t['accuracy']:.3f}, ppl {t.get('perplexity'):.4g}")
+                bx.plot([], [], " ", label=f"last word, {n} (step {ev['step']}): accuracy {t['accuracy']:.3f}, "
+                                          f"perplexity {t.get('perplexity'):.4g}")
         bx.set_xlabel("checkpoint (optimizer step)")
         bx.set_ylabel("loss (nats / token)")
         bx.set_title("validation loss")
@@ -609,8 +613,9 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None,
             L += [f"![bits per byte and validation loss per checkpoint]({links['evaluation.png']})", ""]
         if ev.get("curve"):
             keys = sorted({k for c in ev["curve"] for k in c if k not in ("step", "checkpoint")})
-            L += ["Per checkpoint:", ""] + _table(["step", *keys], [[_n(c.get("step")), *(_n(c.get(k)) for k in keys)]
-                                                                  for c in ev["curve"]])
+            L += ["Per checkpoint (columns: optimizer step):", ""]
+            L += _table(["set.metric", *(f"{_n(c.get('step'))} ({c.get('checkpoint')})" for c in ev["curve"])],
+                        [[k, *(_n(c.get(k)) for c in ev["curve"])] for k in keys])
         if ev.get("generations"):
             L += ["Sample generations:", ""]
             for g in ev["generations"]:

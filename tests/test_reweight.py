@@ -151,6 +151,15 @@ def test_derived_keys(tmp_path):
     q = Config(key="quality_bucket", quality_edges=[0.5, 0.9])
     assert [domain_of({"quality_score": s}, q) for s in (0.1, 0.5, 0.95)] == ["q-0.5", "q0.5-0.9", "q0.9-"]
     assert domain_of({"language": "en"}, Config(key="language")) == "en"
+    assert domain_of({"source": "crawl/a.warc.gz"}, Config(key="source")) == "crawl/a.warc.gz"  # ingest's input file
+    # the stage under a derived key: the real documents' URLs grouped by registered domain
+    docs = mixed_docs(40, 30, 10)
+    seed_stage(str(tmp_path), "k", "filter", docs)
+    run_stage("reweight", load_tiny(tmp_path, {**FAST, "reweight.key": "registered_domain"}), str(tmp_path), "k")
+    mix = Storage(str(tmp_path)).sub("k", "reweight").read_json("mixture.json")
+    assert mix["key"] == "registered_domain" and sum(v["docs"] for v in mix["domains"].values()) == len(docs)
+    assert mix["domains"]["wikipedia.org"]["docs"] == 10 and mix["domains"]["example.org"]["docs"] == 30
+    assert len(mix["domains"]) > 10 and not any(d.startswith("www.") for d in mix["domains"])  # news sites: eTLD+1
     with pytest.raises(ConfigError, match="quality_edges"):
         load_tiny(tmp_path, {"reweight.quality_edges": [0.5, 0.2]})
 

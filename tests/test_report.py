@@ -161,6 +161,7 @@ def test_lineage_hashes_are_the_manifests(runs, tmp_path):
         for dep, rec in r["inputs"].items():  # what the stage recorded = the upstream manifest now
             assert rec["consistent"] and rec["manifest_sha256"] == lin[dep]["manifest_sha256"]
     assert [s for s, r in lin.items() if r["behind_checkpoint"]] == STAGES[:-1]  # all but evaluate
+    assert rep["crawl_inputs"] == json.loads(root.read_bytes("ingest/manifest.json"))["metrics"]["inputs"] != []
 
     # an upstream manifest edited after the fact is flagged where it was recorded
     shutil.copytree(root.url(), tmp_path / "a")

@@ -273,6 +273,7 @@ def build(storage: str | Storage, run_id: str) -> dict:
             "funnel": funnel(ms, root), "removed": _removed(ms, root), "dedup": _dedup(ms.get("dedup"), root),
             "languages": norm.get("languages"), "mixture": _mixture(ms, root), "tokenizer": _tokenizer(ms),
             "training": _training(ms, root), "evaluation": _evaluation(ms, root), "lineage": _lineage(ms, root),
+            "crawl_inputs": list((ms.get("ingest") or {}).get("metrics", {}).get("inputs") or []),
             "config": {s: m.get("config") for s, m in ms.items()}}
 
 
@@ -632,6 +633,9 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None,
         rows.append([r["stage"], "yes" if r["behind_checkpoint"] else "", f"`{r['fingerprint']}`",
                      f"`{r['manifest_sha256']}`", f"`{r['file_sha256']}`", ins])
     L += _table(["stage", "behind checkpoint", "fingerprint", "manifest sha256", "file sha256", "inputs"], rows)
+    if rep.get("crawl_inputs"):
+        L += [f"Crawl files ingest read ({len(rep['crawl_inputs'])}, as its manifest lists them):", ""]
+        L += [f"- `{p}`" for p in rep["crawl_inputs"]] + [""]
     return "\n".join(L)
 
 

@@ -24,8 +24,8 @@ shared data). ``generate``: greedy and top-k continuations of fixed prompts, in 
 
 Checkpoints: ``checkpoint`` names a folder of the train output (``final``, ``step_000100`` =
 ``checkpoints/step_000100``) or, when it has ``://`` or starts with ``/`` or ``.``, a checkpoint folder
-anywhere (local path, relative to the working directory, or ``s3://``): ``kiln stage evaluate --set
-evaluate.checkpoint=URI``. ``checkpoints: all`` (every ``checkpoints/step_N`` the train manifest lists, and
+anywhere (local path, relative to the working directory, or ``s3://``): ``kiln stage evaluate --checkpoint URI``
+(the same as ``--set evaluate.checkpoint=URI``). ``checkpoints: all`` (every ``checkpoints/step_N`` the train manifest lists, and
 ``final``; of two folders with the same step, the same weights, only the first is evaluated: the head
 checkpoint, else the step folder) or a list of names adds ``curve`` to the report: the same sets and tasks
 per checkpoint, ordered by step. Token streams, documents and passages are prepared once for the series.

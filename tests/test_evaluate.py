@@ -194,6 +194,16 @@ def test_bits_per_byte_unchanged_when_the_text_is_windowed_differently(sp_tok):
         bpb.add(r["bits_per_byte"])
     assert len(splits) == 7 and longest // 2 > 16  # seven different splits, down to every document in one window
     assert bpb == {round(nll / n_bytes / math.log(2), 6)}
+    # a real GPT sees more context in longer windows, so its bits/byte may move with T (the invariance is a
+    # property of the windowing, shown above); what must not move it is how the same windows are batched
+    # (padding after a window is causal-masked)
+    from stages.train.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=sp.get_piece_size(), seq_len=32, d_model=32, n_layers=1, n_heads=2)).double().eval()
+    one = [eval_docs(gpt, docs, tok["eos_id"], 32, bs)["loglikelihood"] for bs in (1, 3, 16)]
+    assert one == pytest.approx([one[0]] * 3, rel=1e-12)
+    assert eval_docs(gpt, docs, tok["eos_id"], 8, 4)["loglikelihood"] != pytest.approx(one[0], rel=1e-6)
 
 
 def test_lm_eval_metrics_by_hand(sp_tok):

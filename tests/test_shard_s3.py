@@ -1,6 +1,6 @@
 """shard on S3: readers fetch a window, a document or a header by HTTP range GETs from a real moto_server, and only
 those bytes: a counting TCP proxy in front of moto sees every request line, its Range header and every byte moto
-sends back."""
+sends back. Also the Parquet shards: pyarrow's own S3 client (no Kiln) reads one row group by one range GET."""
 
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def test_windows_documents_and_headers_are_range_gets_of_their_bytes_only(s3_buc
     # a real shard on S3: the stage writes it straight to moto (~1 MB of uint16 tokens in one train shard)
     root = s3_bucket + "/runs"
     docs = with_copies(mixed_docs())
-    cfg = load_tiny(tmp_path, {"run.tasks": 1, "run.workers": 1, "tokenizer.vocab_size": 2048})
+    cfg = load_tiny(tmp_path, {"run.tasks": 1, "run.workers": 1, "tokenizer.vocab_size": 2048,
+                               "shard.parquet_rows_per_group": 64})
     build(root, "r", docs, cfg)
     rel = "tokens/train/00000.bin"
     size = Storage(root).sub("r", "shard").size(rel)
@@ -171,3 +172,22 @@ def test_windows_documents_and_headers_are_range_gets_of_their_bytes_only(s3_buc
     _, got, reqs = cost(lambda: st.read_bytes(rel))
     assert got >= size and [m for m, _, _ in reqs].count("GET") >= 1
     assert np.array_equal(np.frombuffer(st.read_bytes(rel)[b0:b0 + 2000], "<u2"), window)
+
+    # Parquet without Kiln: pyarrow's own S3 client streams one row group (footer + that group), not the file
+    from pyarrow import fs as pafs
+
+    s3 = pafs.S3FileSystem(endpoint_override=proxy.url, scheme="http", access_key="testing", secret_key="testing",
+                           region="us-east-1")
+    obj = st.url("parquet/train/00000.parquet")[len("s3://"):]
+    psize = st.size("parquet/train/00000.parquet")
+    pf, got_meta, _ = cost(lambda: pq.ParquetFile(s3.open_input_file(obj)))
+    groups = pf.metadata.num_row_groups
+    assert groups >= 8 and pf.metadata.row_group(0).num_rows == 64
+    g = groups // 2
+    group, got, reqs = cost(lambda: pf.read_row_group(g, columns=["text", "id"]))
+    assert group.num_rows == 64 and all(m == "GET" and r is not None for m, _, r in reqs)
+    cols = [pf.metadata.row_group(g).column(i) for i in (0, 1)]  # text and id: the first two columns
+    lo = min(c.dictionary_page_offset or c.data_page_offset for c in cols)
+    hi = max((c.dictionary_page_offset or c.data_page_offset) + c.total_compressed_size for c in cols)
+    assert [r for _, _, r in reqs] == [(lo, hi - 1)]  # exactly the group's two column chunks
+    assert got < hi - lo + 2_000 and got_meta + got < psize // 3, (got, got_meta, psize)

@@ -309,6 +309,8 @@ def plots(rep: dict, texts: dict | None = None) -> dict[str, bytes]:
     """PNG bytes by file name: training (loss + lr), throughput (tokens/s), funnel (documents, MB and tokens per
     stage), domain_mix (shares before/after reweighting, realized token shares), evaluation (bits per byte per
     set and validation loss per checkpoint). A plot without data is left out."""
+    from matplotlib.ticker import MaxNLocator
+
     out, run = {}, rep["run_id"]
     curve = (rep.get("training") or {}).get("curve") or []
     pts = [r for r in curve if "loss" in r]
@@ -321,6 +323,7 @@ def plots(rep: dict, texts: dict | None = None) -> dict[str, bytes]:
             ax.plot([c["step"] for c in ev], [c["validation.loss"] for c in ev], "o--", color="tab:green",
                     label="validation loss (evaluate)")
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss (nats / token)")
         lr = [r for r in curve if "lr" in r]
         h, lab = ax.get_legend_handles_labels()
@@ -340,6 +343,7 @@ def plots(rep: dict, texts: dict | None = None) -> dict[str, bytes]:
         plt, (fig, ax) = _fig(figsize=(7, 3.5))
         ax.plot([r["step"] for r in tps], [r["tokens_per_s"] for r in tps], color="tab:purple", marker=".")
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("tokens / s (all ranks)")
         ax.set_ylim(bottom=0)
         ax.set_title(f"Training throughput — run {run}")
@@ -436,9 +440,10 @@ def plots(rep: dict, texts: dict | None = None) -> dict[str, bytes]:
             ax.bar(x + (i - (len(series) - 1) / 2) * w, vals, w, label=lab)
         ax.set_xticks(x, names, rotation=20, ha="right")
         ax.set_xlabel(f"{mix.get('key') or 'domain'}")
-        ax.set_ylabel("share of tokens")
+        ax.set_ylabel("share of tokens (~ estimated before shard)")
         ax.set_title(f"Domain mix before / after reweighting — run {run}")
-        ax.legend()
+        ax.set_ylim(0, max(max(v) for _, v in series) * 1.3)  # headroom: the legend sits above the bars
+        ax.legend(loc="upper center", ncol=len(series), fontsize=8)
         out["domain_mix.png"] = _png(plt, fig, texts, "domain_mix.png")
     return out
 

@@ -7,24 +7,24 @@ documents (cut at line boundaries into pieces sentencepiece accepts) with identi
 whitespace rewriting, so newlines and indentation are learnt and ``decode(encode(text)) == text``;
 byte fallback covers every other character. Same input, seed and config give identical model bytes.
 
-Also exported as ``tokenizer.json`` for Hugging Face ``tokenizers`` (``Tokenizer.from_file``) and
-``transformers`` (``PreTrainedTokenizerFast(tokenizer_file=...)``): the same ids, a BPE model whose merges are
-read off the vocabulary (a piece ``ab`` made of pieces ``a`` + ``b``, ranked by the id of ``ab``, which is
-sentencepiece's merge order), byte fallback, " " -> "▁", user-defined pieces as added tokens (matched in
-text, as sentencepiece does). The
-stage checks the export: ``hf_agreement`` is the share of held-out documents whose HF ids equal
-sentencepiece's (1.0 on the sample crawl).
+Also exported as ``tokenizer.json`` for Hugging Face ``tokenizers`` (``Tokenizer.from_file``) and, with
+``tokenizer_config.json``, ``transformers`` (``AutoTokenizer.from_pretrained(<folder>)``): the same ids, a BPE
+model whose merges are read off the vocabulary (a piece ``ab`` made of pieces ``a`` + ``b``, ranked by the id of
+``ab``, which is sentencepiece's merge order), byte fallback, " " -> "▁", user-defined pieces as added tokens
+(matched in text, as sentencepiece does). The stage checks the export: ``hf_agreement`` is the share of held-out
+documents whose HF ids equal sentencepiece's (1.0 on the sample crawl).
 
 Stats (``stats.json``, on the held-out documents): bytes per token overall and per domain, the share of bytes
 covered by vocabulary pieces rather than byte fallback, the share of byte-fallback tokens, round trip. No
 wall-clock time in it (two identical runs write the same bytes): the training seconds are the manifest's
 ``metrics.train_seconds``.
-Writes ``tokenizer.model``, ``tokenizer.vocab``, ``tokenizer.json`` and ``stats.json``.
+Writes ``tokenizer.model``, ``tokenizer.vocab``, ``tokenizer.json``, ``tokenizer_config.json`` and ``stats.json``.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -127,6 +127,17 @@ def export_hf(sp, user_defined: list[str] = (), model_type: str = "bpe"):
     return tok
 
 
+def hf_config(sp) -> dict:
+    """``tokenizer_config.json`` beside ``tokenizer.json``, so ``transformers.AutoTokenizer.from_pretrained(folder)``
+    knows the special tokens (eos/bos/pad/unk ids equal sentencepiece's). ``split_special_tokens``: literal
+    "<unk>" or "</s>" in text stays text, as sentencepiece encodes it (else transformers would match it as the
+    special token: WikiText is full of "<unk>"). No BOS/EOS added: Kiln's documents end with EOS in the shards."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": sp.id_to_piece(sp.bos_id()),
+            "eos_token": sp.id_to_piece(sp.eos_id()), "pad_token": sp.id_to_piece(sp.pad_id()),
+            "unk_token": sp.id_to_piece(sp.unk_id()), "split_special_tokens": True, "add_bos_token": False,
+            "add_eos_token": False, "clean_up_tokenization_spaces": False}
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     import sentencepiece as spm
     from stages.core.pipeline import upstream_reader
@@ -184,6 +195,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
     hf = export_hf(sp, cfg.user_defined_symbols, cfg.model_type)
     hf.save(prefix + ".json")
+    with open(prefix + "_config.json", "w", encoding="utf-8") as f:
+        json.dump(hf_config(sp), f, indent=2, sort_keys=True)
     ev = {"heldout_docs": len(held_texts), "heldout_bytes": held_bytes}
     if held_texts:
         ids = sp.encode(held_texts, num_threads=cfg.num_threads)
@@ -215,11 +228,12 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
              **ev,
              "heldout_ids": held_ids, "trainer_options": {k: v for k, v in options.items() if k != "num_threads"}}
     ctx.out.write_json("stats.json", stats)
-    for ext in ("model", "vocab", "json"):
-        ctx.out.put_file(f"{prefix}.{ext}", f"tokenizer.{ext}")
+    for ext in (".model", ".vocab", ".json", "_config.json"):
+        ctx.out.put_file(prefix + ext, "tokenizer" + ext)
     metrics = {k: stats[k] for k in ("vocab_size", "bos_id", "eos_id", "pad_id", "unk_id", "sample_docs",
                                      "sample_bytes")} | {"train_seconds": round(train_s, 3)} | ev
-    return StageResult(outputs=["tokenizer.model", "tokenizer.vocab", "tokenizer.json", "stats.json"],
+    return StageResult(outputs=["tokenizer.model", "tokenizer.vocab", "tokenizer.json", "tokenizer_config.json",
+                                "stats.json"],
                        counts={"documents_in": len(meta), "sample_docs": sample["docs"],
                                "sample_bytes": sample["bytes"], "heldout_docs": len(held_texts)},
                        metrics=metrics)

@@ -61,8 +61,8 @@ def test_deterministic_ids_and_lossless_round_trip(tmp_path):
     assert "\n\n" in [sp.id_to_piece(i) for i in range(sp.get_piece_size())]  # newlines are learnt
 
 
-def test_hugging_face_export_and_per_domain_stats(tmp_path):
-    """tokenizer.json loads with `tokenizers` alone and gives sentencepiece's ids on real text of three
+def test_hugging_face_export_and_per_domain_stats(tmp_path, monkeypatch):
+    """tokenizer.json loads with `tokenizers` alone, the folder with `transformers`' AutoTokenizer; both give sentencepiece's ids on real text of three
     domains, code, indentation, user-defined symbols and byte fallback; stats per domain add up."""
     from tokenizers import Tokenizer
 
@@ -83,6 +83,20 @@ def test_hugging_face_export_and_per_domain_stats(tmp_path):
         assert hf.encode(t, add_special_tokens=False).ids == sp.encode(t)
         assert hf.decode(sp.encode(t)) == t
     assert hf.token_to_id("</s>") == sp.eos_id() == 2 and hf.get_vocab_size() == sp.get_piece_size()
+
+    # transformers loads the stage's folder as users would (tokenizer.json + tokenizer_config.json, offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    assert "tokenizer_config.json" in {o["path"] for o in m["outputs"]}
+    auto = AutoTokenizer.from_pretrained(str(tmp_path / "h" / "tokenizer"))
+    assert (auto.eos_token_id, auto.bos_token_id, auto.pad_token_id, auto.unk_token_id) == (
+        sp.eos_id(), sp.bos_id(), sp.pad_id(), sp.unk_id())
+    for t in texts:  # literal "<unk>"/"</s>" stay text, no BOS/EOS added: sentencepiece's ids exactly
+        assert auto(t)["input_ids"] == sp.encode(t)
+        assert auto.decode(sp.encode(t)) == t
+    batch = auto(["a b c d", "a"], padding=True)["input_ids"]
+    assert batch[1][len(sp.encode("a")):] == [sp.pad_id()] * (len(batch[0]) - len(sp.encode("a")))
     by_dom = stats["bytes_per_token_by_domain"]
     assert set(by_dom) <= {"news", "shakespeare", "wikitext"} and len(by_dom) >= 2
     assert sum(v["bytes"] for v in by_dom.values()) == stats["heldout_bytes"]

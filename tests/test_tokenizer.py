@@ -62,8 +62,9 @@ def test_deterministic_ids_and_lossless_round_trip(tmp_path):
 
 
 def test_hugging_face_export_and_per_domain_stats(tmp_path, monkeypatch):
-    """tokenizer.json loads with `tokenizers` alone, the folder with `transformers`' AutoTokenizer; both give sentencepiece's ids on real text of three
-    domains, code, indentation, user-defined symbols and byte fallback; stats per domain add up."""
+    """tokenizer.json loads with `tokenizers` alone, the folder with `transformers`' AutoTokenizer; both give
+    sentencepiece's ids on real text of three domains, code, indentation, user-defined symbols and byte fallback;
+    stats per domain add up."""
     from tokenizers import Tokenizer
 
     root, docs = str(tmp_path), mixed_docs()

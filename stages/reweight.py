@@ -25,6 +25,12 @@ another prefix. Two datatrove passes: the first measures every document's domain
 only, written per task to scratch), the second writes each document its number of times; copies after the
 first get ids ``<id>#r1``, ``<id>#r2``… Writes ``mixture.json`` (per domain: documents, bytes, tokens, share
 before / target / after, epochs, capped) — the train stage logs it as part of the lineage — and ``data/``.
+
+Whatever the key, ``mixture.json`` also has the language mix before and after (``languages``: per
+``metadata.language``, normalize's lid.176 label, which filter keeps; ``(none)`` without one): documents, bytes,
+estimated tokens and share of estimated tokens, the output's counted with every reweighting copy. Gathered
+like the domain counts after: block stats (``lang_docs:<lang>``, ``lang_bytes:<lang>``) of both passes, summed
+over tasks by ``run_pipeline`` whatever the executor; the measured totals are checked against the documents read.
 """
 
 from __future__ import annotations
@@ -66,6 +72,12 @@ def stable_unit(*parts) -> float:
 def base_id(doc_id: str) -> str:
     """The id of the original document behind a reweighting copy (``abc#r2`` -> ``abc``)."""
     return _COPY.sub("", doc_id)
+
+
+def language_of(metadata: dict) -> str:
+    """The document's language label (``UNKNOWN`` when it has none), the same bucket as ``key: language``."""
+    value = metadata.get("language")
+    return str(value) if value not in (None, "") else UNKNOWN
 
 
 def domain_of(metadata: dict, cfg: Config, _tld=[]) -> str:  # noqa: B006 (the extractor, built once)
@@ -136,7 +148,7 @@ def _blocks():
 
     class DomainMeasure(PipelineStep):
         """Per document: domain, UTF-8 bytes and hash unit, written per task to ``scratch/<rank>.npz``;
-        stats ``docs:<domain>``, ``bytes:<domain>``."""
+        stats ``docs:<domain>``, ``bytes:<domain>``, ``lang_docs:<language>``, ``lang_bytes:<language>``."""
 
         name = "domain measure"
         type = "📊 - STATS"
@@ -157,6 +169,9 @@ def _blocks():
                 sizes.append(size)
                 self.stat_update(f"docs:{dom}")
                 self.stat_update(f"bytes:{dom}", value=size)
+                lang = language_of(doc.metadata)
+                self.stat_update(f"lang_docs:{lang}")
+                self.stat_update(f"lang_bytes:{lang}", value=size)
             os.makedirs(self.scratch, exist_ok=True)
             np.savez(os.path.join(self.scratch, f"{rank:05d}.npz"), domain=np.array(doms, dtype=str),
                      unit=np.array(units, dtype=np.float64), size=np.array(sizes, dtype=np.int64))
@@ -164,7 +179,8 @@ def _blocks():
 
     class DomainSampler(PipelineStep):
         """Emits each document ``copies + (unit ≤ cutoff)`` times (plan per domain); copies after the first
-        get ``#rN`` ids; stats ``docs:<domain>`` / ``bytes:<domain>`` of the output."""
+        get ``#rN`` ids; stats ``docs:<domain>`` / ``bytes:<domain>`` and ``lang_docs:<language>`` /
+        ``lang_bytes:<language>`` of the output (copies included)."""
 
         name = "domain sampler"
         type = "🔻 - FILTER"
@@ -187,6 +203,9 @@ def _blocks():
                 size = len(doc.text.encode("utf-8"))
                 self.stat_update(f"docs:{dom}", value=n)
                 self.stat_update(f"bytes:{dom}", value=n * size)
+                lang = language_of(doc.metadata)
+                self.stat_update(f"lang_docs:{lang}", value=n)
+                self.stat_update(f"lang_bytes:{lang}", value=n * size)
                 yield doc
                 for k in range(1, n):
                     yield replace(doc, id=f"{doc.id}#r{k}", metadata=dict(doc.metadata))
@@ -194,12 +213,30 @@ def _blocks():
     return DomainMeasure, DomainSampler
 
 
-def _per_domain(block: dict) -> dict[str, dict[str, int]]:
+def _per_domain(block: dict, prefix: str = "") -> dict[str, dict[str, int]]:
+    """{value: {"docs", "bytes"}} from a block's ``<prefix>docs:<value>`` / ``<prefix>bytes:<value>`` stats."""
     out: dict[str, dict[str, int]] = {}
     for stat, value in block.items():
         kind, _, dom = stat.partition(":")
-        if kind in ("docs", "bytes") and dom:
-            out.setdefault(dom, {"docs": 0, "bytes": 0})[kind] = int(value)
+        if kind in (f"{prefix}docs", f"{prefix}bytes") and dom:
+            out.setdefault(dom, {"docs": 0, "bytes": 0})[kind[len(prefix):]] = int(value)
+    return out
+
+
+def language_mix(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], bpt: float) -> dict:
+    """Per language (most estimated tokens before first): documents, bytes, estimated tokens and share of
+    estimated tokens before and after reweighting."""
+    zero = {"docs": 0, "bytes": 0}
+    tot_b = sum(v["bytes"] for v in before.values())
+    tot_a = sum(v["bytes"] for v in after.values())
+    out = {}
+    for lang in sorted(set(before) | set(after), key=lambda x: (-before.get(x, zero)["bytes"], x)):
+        b, a = before.get(lang, zero), after.get(lang, zero)
+        out[lang] = {"docs_before": b["docs"], "docs_after": a["docs"], "bytes_before": b["bytes"],
+                     "bytes_after": a["bytes"], "est_tokens_before": round(b["bytes"] / bpt),
+                     "est_tokens_after": round(a["bytes"] / bpt),
+                     "share_before": round(b["bytes"] / tot_b, 6) if tot_b else 0.0,
+                     "share_after": round(a["bytes"] / tot_a, 6) if tot_a else 0.0}
     return out
 
 
@@ -242,6 +279,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     in_bytes = sum(nbytes.values())
 
     bpt = cfg.bytes_per_token
+    langs_in = _per_domain(block_stats(stats1, "domain measure"), "lang_")
+    if sum(v["docs"] for v in langs_in.values()) != doms.size:  # the stats and the scratch files saw the same
+        raise StageError(f"reweight: language counts of the measuring pass cover "
+                         f"{sum(v['docs'] for v in langs_in.values())} documents, {doms.size} were measured")
+    languages = language_mix(langs_in, _per_domain(block_stats(stats2, "domain sampler"), "lang_"), bpt)
     domains = {}
     for d in sorted(names, key=lambda d: (-nbytes[d], d)):
         a = after.get(d, {"docs": 0, "bytes": 0})
@@ -262,13 +304,16 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                "est_tokens_out": round(out_bytes / bpt), "max_share_error": round(max_err, 6),
                "note": "shares are shares of estimated tokens (UTF-8 bytes / bytes_per_token); epochs = times a "
                        "domain's tokens are seen",
-               "weights_for_absent_domains": sorted(set(cfg.weights) - set(names)), "domains": domains}
+               "weights_for_absent_domains": sorted(set(cfg.weights) - set(names)), "domains": domains,
+               "languages": languages}
     ctx.out.write_json("mixture.json", mixture)
 
     sampler = block_stats(stats2, "domain sampler")
     metrics = {"domains": len(domains), "max_share_error": mixture["max_share_error"],
                "mixture": {d: {k: v[k] for k in ("share_before", "share_target", "share_after", "epochs")}
                            for d, v in domains.items()},
+               "languages": {x: {k: v[k] for k in ("docs_before", "docs_after", "share_before", "share_after")}
+                             for x, v in languages.items()},
                "blocks": {"measure": stats1, "sample": stats2}}
     return data_result(ctx, stats2, int(doms.size), {"downsampled": int(sampler.get("downsampled", 0))},
                        extra_outputs=("mixture.json",), metrics=metrics,

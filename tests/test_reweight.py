@@ -187,3 +187,66 @@ def test_bad_weights_fail_clearly(tmp_path):
     cfg = load_tiny(tmp_path, {**FAST, "reweight.weights": {"news": 0}})
     with pytest.raises(StageError, match="weight 0"):
         run_stage("reweight", cfg, str(tmp_path), "z")
+
+
+def lid_label(docs: list[dict]) -> list[dict]:
+    """``metadata.language`` / ``language_score`` as normalize sets them: lid.176's top-1 label (offline)."""
+    from datatrove.data import Document
+
+    from stages.core.lid import local_ft176
+
+    lid = local_ft176(k=1)
+    for d in docs:
+        (lang, score), _ = lid.predict(Document(text=d["text"], id=d["id"]))
+        d["metadata"].update(language=lang, language_score=round(min(float(score), 1.0), 4))
+    return docs
+
+
+def by_language(docs: list[dict]) -> dict[str, tuple[int, int]]:
+    out: dict[str, list[int]] = {}
+    for d in docs:
+        c = out.setdefault(d["metadata"].get("language", "(none)"), [0, 0])
+        c[0] += 1
+        c[1] += len(d["text"].encode())
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def test_language_mix_before_and_after_counts_every_copy(tmp_path):
+    """The language mix in mixture.json and the manifest: before = the input's documents and bytes per lid.176
+    label, after = what was written (reweighting copies included), over two worker processes; shares sum to 1;
+    mixture.json is byte-identical from one task."""
+    docs = lid_label(mixed_docs(181, 60, 20))  # news bodies in 8 languages; Shakespeare and WikiText English
+    for d in [d for d in docs if d["metadata"]["domain"] == "shakespeare"][:5]:
+        del d["metadata"]["language"]  # no label: the (none) bucket
+    before = by_language(docs)
+    assert len(before) >= 5 and before["en"][0] > len(docs) // 2 and before["(none)"][0] == 5
+    root = str(tmp_path)
+    seed_split(root, "l", "filter", docs)
+    weights = {"news": 3.0, "shakespeare": 0.5}  # languages other than English come only with the news
+    m = run_stage("reweight", load_tiny(tmp_path, {"run.tasks": 2, "run.workers": 2, "reweight.weights": weights}),
+                  root, "l")
+    st = Storage(root).sub("l", "reweight")
+    langs = st.read_json("mixture.json")["languages"]
+    out = read_out(root, "l")
+    after = by_language(out)
+    assert set(langs) == set(before) >= set(after)
+    for lang, v in langs.items():
+        assert (v["docs_before"], v["bytes_before"]) == before[lang], lang
+        assert (v["docs_after"], v["bytes_after"]) == after.get(lang, (0, 0)), lang
+        assert v["est_tokens_before"] == round(v["bytes_before"] / 4.0)
+        assert v["est_tokens_after"] == round(v["bytes_after"] / 4.0)
+        assert v["share_before"] == round(before[lang][1] / sum(b for _, b in before.values()), 6)
+        assert v["share_after"] == round(after.get(lang, (0, 0))[1] / sum(b for _, b in after.values()), 6)
+    for k in ("share_before", "share_after"):
+        assert sum(v[k] for v in langs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert sum(v["docs_after"] for v in langs.values()) == len(out) == m["counts"]["documents_out"]
+    foreign = [o for o in out if o["metadata"].get("language") not in ("en", None)]
+    assert any("#r" in o["id"] for o in foreign)  # upsampled news: copies counted in their language
+    assert sum(v["share_after"] for k, v in langs.items() if k not in ("en", "(none)")) > \
+           1.5 * sum(v["share_before"] for k, v in langs.items() if k not in ("en", "(none)"))
+    assert m["metrics"]["languages"] == {lang: {k: v[k] for k in ("docs_before", "docs_after", "share_before",
+                                                                  "share_after")} for lang, v in langs.items()}
+    seed_split(root, "l1", "filter", docs)
+    run_stage("reweight", load_tiny(tmp_path, {"run.tasks": 1, "run.workers": 1, "reweight.weights": weights}),
+              root, "l1")
+    assert Storage(root).sub("l1", "reweight").read_bytes("mixture.json") == st.read_bytes("mixture.json")

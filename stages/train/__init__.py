@@ -385,7 +385,7 @@ def _mixture(ctx: StageContext) -> dict | None:
     mix = ctx.input("shard").read_json("mixture.json")
     out = {"key": mix["key"], "tokens": mix["tokens"], "reweight_mixture_sha256": mix["reweight_mixture_sha256"],
            "shares": {d: v["share"] for d, v in mix["domains"].items()},
-           "epochs": {d: v["epochs"] for d, v in mix["domains"].items()}}
+           "epochs": {d: v["epochs"] for d, v in mix["domains"].items()}, "order": mix.get("order")}
     log.info("data mixture by %s (%s tokens): %s", mix["key"], f"{mix['tokens']:,}",
              ", ".join(f"{d} {v['share']:.1%}" + (f" ({v['epochs']:.2f} epochs)" if v["epochs"] is not None else "")
                        for d, v in mix["domains"].items()))

@@ -23,7 +23,7 @@ import torch
 from stages.core.storage import Storage
 from stages.train import parallel
 from stages.train.checkpoint import complete_states, load_state, save_model, save_state, step_dir
-from stages.train.data import BatchSampler, WindowDataset, micro_batches, open_shards
+from stages.train.data import micro_batches, training_data
 from stages.train.model import GPT, GPTConfig
 
 
@@ -88,10 +88,8 @@ def train(spec: dict) -> None:
     # prints and the progress bar: the first rank of node 0 (its stage call keeps the log); files: global rank 0
     show = d.local_rank == 0 and spec.get("node", {}).get("rank", 0) == 0
 
-    shards = open_shards(Storage(spec["shards_uri"]), spec["train_shards"], spec["model"]["vocab_size"])
     gcfg = GPTConfig(**spec["model"])
-    ds = WindowDataset(shards, gcfg.seq_len + 1)
-    sampler = BatchSampler(len(ds), t["global_batch"], spec["seed"], phases=ds.phases)  # curriculum: phases in order
+    ds, sampler = training_data(spec)  # the spec's shards in order; curriculum: phases in order
     accum = t["global_batch"] // (t["micro_batch"] * d.world)
 
     device = parallel.device(t["device"], d)

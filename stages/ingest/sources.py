@@ -9,6 +9,8 @@
   takes the segments ``[start, stop)`` of the sorted unique segment ids and the first ``files_per_segment``
   files of each, and reads them from ``{base_url}{path}`` (https://data.commoncrawl.org/ or s3://commoncrawl/).
 Sizes come from the filesystem (a HEAD request for http); an http file whose size is unknown counts as 0.
+``listing`` is the one resolution of the inputs: ingest reads what it lists and its fingerprint identifies the
+same files (``identity.py``).
 """
 
 from __future__ import annotations
@@ -86,32 +88,37 @@ def _with_proto(url: str, path: str) -> str:
     return path if path.startswith(proto) else proto + path
 
 
-def sizes(urls: list[str], strict: bool) -> list[tuple[str, int]]:
-    """(url, size) for each URL, asked in parallel (HEAD for http). A failure is a StageError when
-    ``strict`` (files the user named), else size 0 and a warning (files from a listing)."""
+def infos(urls: list[str], strict: bool) -> list[tuple[str, dict]]:
+    """(url, info) for each URL, asked in parallel (one HEAD each for http: size, ETag, Last-Modified, ...). A
+    failure is a StageError when ``strict`` (files the user named), else ``{"size": 0}`` and a warning (files
+    from a listing)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(url: str) -> tuple[str, int]:
+    def one(url: str) -> tuple[str, dict]:
         try:
             fs, p = _fs(url)
-            return url, int(fs.size(p) or 0)
+            info = dict(fs.info(p))
+            return url, {**info, "size": int(info.get("size") or 0)}
         except Exception as e:
             if strict:
                 raise StageError(f"ingest.inputs: cannot reach '{url}': {type(e).__name__}: {e}") from None
             log.warning("ingest: size of %s unknown (%s: %s); read anyway", url, type(e).__name__, e)
-            return url, 0
+            return url, {"size": 0}
 
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(one, urls))
 
 
-def expand(pattern: str) -> list[tuple[str, int | None]]:
-    """Files of one input entry (a file, folder (recursive), glob or URL) as sorted (URL/path, size); sizes
-    come with the listing (one request per folder or glob on S3), None for http(s) URLs (no listing there)."""
+def expand(pattern: str) -> list[tuple[str, dict | None]]:
+    """Files of one input entry (a file, folder (recursive), glob or URL) as sorted (URL/path, info): the
+    filesystem's entry (size; on S3 also ETag, LastModified), from the listing (one request per folder or glob
+    on S3, read afresh: a cached listing would hide an object replaced since); None for http(s) URLs (no
+    listing there)."""
     if pattern.startswith(("http://", "https://")):
         return [(pattern, None)]
     try:
         fs, p = _fs(pattern)
+        fs.invalidate_cache()
         if any(c in pattern for c in "*?["):
             matches = fs.glob(p, detail=True)
         else:
@@ -121,16 +128,16 @@ def expand(pattern: str) -> list[tuple[str, int | None]]:
             if info.get("type") == "directory":
                 for f, finfo in sorted(fs.find(m, detail=True).items()):
                     if file_kind(f):
-                        out[f] = finfo.get("size")
+                        out[f] = finfo
                     else:
                         ignored.append(f)
             else:
-                out[m] = info.get("size")
+                out[m] = info
     except Exception as e:
         raise StageError(f"ingest.inputs: cannot list '{pattern}': {type(e).__name__}: {e}") from None
     if ignored:
         log.warning("ingest: %d files of unknown type ignored under %s (e.g. %s)", len(ignored), pattern, ignored[0])
-    return [(_with_proto(pattern, m), size) for m, size in out.items()]
+    return [(_with_proto(pattern, m), {**info, "size": int(info.get("size") or 0)}) for m, info in out.items()]
 
 
 def common_crawl_urls(cc: CommonCrawl) -> list[str]:
@@ -161,13 +168,17 @@ def common_crawl_urls(cc: CommonCrawl) -> list[str]:
     return [cc.base_url + p for s in segs[start:stop] for p in sorted(by_segment[s])[: cc.files_per_segment]]
 
 
-def input_files(cfg, ctx: StageContext) -> list[tuple[str, int]]:
-    """All input files of ingest as (URL or path, size), de-duplicated, in a stable order."""
+def listing(cfg, kiln_cfg, head_common_crawl: bool = True) -> list[tuple[str, dict]]:
+    """All input files of ingest as (URL or path, info), de-duplicated, in a stable order: what ingest reads
+    (``run``) and what its fingerprint identifies (``external_inputs``). ``info`` has ``size`` and what the
+    filesystem said of the file (S3: ETag; http: ETag, Last-Modified, ...). Common Crawl files get one HEAD
+    each (their sizes balance the tasks) unless not ``head_common_crawl``: then ``{"listed_in": <listing URL>}``
+    (a crawl's files never change: the list identifies them)."""
     if not cfg.inputs and cfg.common_crawl is None:
         raise StageError("ingest.inputs is empty and no ingest.common_crawl is set: nothing to read")
-    named: dict[str, int | None] = {}
+    named: dict[str, dict | None] = {}
     for pattern in cfg.inputs:
-        resolved = resolve_path(ctx.cfg, pattern)
+        resolved = resolve_path(kiln_cfg, pattern)
         matches = expand(resolved)
         if not matches:
             raise StageError(f"ingest.inputs: '{pattern}' matches no file (resolved to {resolved})")
@@ -176,8 +187,16 @@ def input_files(cfg, ctx: StageContext) -> list[tuple[str, int]]:
     if unknown:
         raise StageError(f"ingest.inputs: unknown file type '{unknown[0]}' ({len(unknown)} such files); "
                          f"readable: {SUPPORTED}")
-    out = [(u, int(n or 0)) for u, n in named.items() if n is not None]
-    out += sizes([u for u, n in named.items() if n is None], strict=True)
-    if cfg.common_crawl is not None:
-        out += sizes(common_crawl_urls(cfg.common_crawl), strict=False)
+    out = [(u, info) for u, info in named.items() if info is not None]
+    out += infos([u for u, info in named.items() if info is None], strict=True)
+    if (cc := cfg.common_crawl) is not None:
+        listed_in = f"{cc.base_url}crawl-data/{cc.crawl}/{cc.kind}.paths.gz"
+        urls = common_crawl_urls(cc)
+        found = infos(urls, strict=False) if head_common_crawl else [(u, {}) for u in urls]
+        out += [(u, {**info, "listed_in": listed_in}) for u, info in found]
     return list(dict(out).items())
+
+
+def input_files(cfg, ctx: StageContext) -> list[tuple[str, int]]:
+    """All input files of ingest as (URL or path, size in bytes; 0 if unknown), as ``listing`` orders them."""
+    return [(u, int(info.get("size") or 0)) for u, info in listing(cfg, ctx.cfg)]

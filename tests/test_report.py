@@ -124,6 +124,22 @@ def test_report_numbers_equal_the_manifests(runs):
     for dom, v in ms["reweight"]["metrics"]["mixture"].items():
         assert rep["mixture"]["domains"][dom]["share_after"] == v["share_after"]
         assert rep["mixture"]["tokens"][dom]["share"] == ms["shard"]["metrics"]["mixture"][dom]
+    # the language mix: normalize's counts beside reweight's mixture.json (before / after reweighting)
+    assert rep["mixture"]["languages"] == mix["languages"]
+    assert ms["reweight"]["metrics"]["languages"] == {
+        x: {k: v[k] for k in ("docs_before", "docs_after", "share_before", "share_after")}
+        for x, v in mix["languages"].items()}
+    lm = {r["language"]: r for r in rep["language_mix"]}
+    assert set(lm) == set(mix["languages"]) | set(ms["normalize"]["counts"]["languages"])
+    for lang, r in lm.items():
+        assert r["normalize_docs"] == ms["normalize"]["counts"]["languages"].get(lang)
+        v = mix["languages"].get(lang, {"docs_before": 0, "docs_after": 0, "share_before": 0.0, "share_after": 0.0})
+        assert {k: r[k] for k in ("docs_before", "docs_after", "share_before", "share_after")} == \
+               {k: v[k] for k in ("docs_before", "docs_after", "share_before", "share_after")}, lang
+    # every document reaching reweight still carries normalize's label (no "(none)"): before = filter's output
+    assert "(none)" not in mix["languages"] and mix["languages"]["en"]["docs_before"] > 0
+    assert sum(v["docs_before"] for v in mix["languages"].values()) == ms["filter"]["counts"]["documents_out"]
+    assert sum(v["docs_after"] for v in mix["languages"].values()) == ms["reweight"]["counts"]["documents_out"]
     tm = ms["tokenizer"]["metrics"]
     assert {k: rep["tokenizer"][k] for k in ("vocab_size", "bytes_per_token", "heldout_tokens")} == \
            {k: tm[k] for k in ("vocab_size", "bytes_per_token", "heldout_tokens")}
@@ -214,6 +230,10 @@ def test_written_report_files_and_plots_are_real_pngs(runs):
         how = "greedy" if g["mode"] == "greedy" else f"top-{g['top_k']}, seed {g['seed']}"
         assert f"- ({how}) **{g['prompt']}**{g['text'].replace(chr(10), ' ')}" in md
     assert "| shakespeare-last-word | 20 |" in md  # the last-word task: examples, accuracy, perplexity
+    en = next(r for r in rep["language_mix"] if r["language"] == "en")
+    assert "## Language mix before / after reweighting" in md and (
+        f"| en | {en['normalize_docs']:,} | {en['docs_before']:,} | {en['docs_after']:,} | "
+        f"{en['share_before']:.4g} | {en['share_after']:.4g} |") in md
 
 
 def test_compare_two_runs_shows_what_changed(runs):
@@ -238,6 +258,9 @@ def test_compare_two_runs_shows_what_changed(runs):
     assert ("funnel", "dedup tokens") not in rows  # estimated with each run's own tokenizer: not compared
     loss = rows[("train", "final_loss")]
     assert (loss["a"], loss["b"]) == (a["train"]["metrics"]["final_loss"], b["train"]["metrics"]["final_loss"])
+    en = rows[("mixture", "language en share_after")]
+    assert (en["a"], en["b"]) == tuple(Storage(runs).sub(r).read_json("reweight/mixture.json")["languages"]["en"]
+                                       ["share_after"] for r in "ab")
     ev_b = Storage(runs).sub("b").read_json("evaluate/report.json")["sets"]
     assert rows[("eval", "wikitext-2 bits_per_byte")]["b"] == ev_b["wikitext-2"]["bits_per_byte"]
     lw = rows[("eval", "shakespeare-last-word perplexity")]
@@ -342,6 +365,24 @@ def test_kiln_run_prints_the_funnel_and_publishes_the_report(runs, capsys):
         assert re.search(rf"samples: \[{re.escape(url)}\]\(.*Prefect artifact \[{key}\]\([^)]*/artifacts/key/{key}\)",
                          data("kiln-report-a"))
     assert {r["filter"] for r in data("kiln-removed-filter-a")} == set(rep["removed"]["filter"]["samples"][0]["by_reason"])
+
+
+def test_report_of_a_run_before_the_language_mix(runs, tmp_path):
+    """A run whose reweight recorded no languages (older code): the report shows normalize's counts only."""
+    shutil.copytree(Storage(runs).sub("a").url(), tmp_path / "o", ignore=shutil.ignore_patterns("data", "checkpoints"))
+    st = Storage(str(tmp_path)).sub("o", "reweight")
+    mix, m = st.read_json("mixture.json"), st.read_json("manifest.json")
+    del mix["languages"], m["metrics"]["languages"]
+    st.write_json("mixture.json", mix)
+    st.write_json("manifest.json", m)
+    rep = report.build(str(tmp_path), "o")
+    norm = Storage(runs).sub("a").read_json("normalize/manifest.json")["counts"]["languages"]
+    assert "languages" not in rep["mixture"] and rep["languages"] == norm
+    assert [(r["language"], r["normalize_docs"], r["docs_before"], r["share_after"]) for r in rep["language_mix"]] == \
+           [(k, v, None, None) for k, v in sorted(norm.items(), key=lambda kv: (-kv[1], kv[0]))]
+    md = report.render_markdown(rep)
+    assert "## Language mix (normalize)" in md and "## Language mix before" not in md
+    assert all(f"| {k} | {v:,} |" in md for k, v in norm.items())
 
 
 def test_report_of_a_partial_run(runs, tmp_path):

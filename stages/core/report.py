@@ -12,6 +12,10 @@ the value every downstream manifest records under ``inputs``) and ``file_sha256`
 bytes in storage), and per recorded input whether it still equals the upstream manifest (``consistent``).
 ``behind_checkpoint`` marks train and every stage train depends on (transitively).
 
+Language mix: normalize's per-language counts beside reweight's ``mixture.json`` ``languages`` (before / after
+reweighting), a table only: on the sample crawl every document that reaches reweight is English, so a plot would
+be one bar.
+
 Plots are matplotlib on the Agg backend (no display), PNG at 110 dpi, written through ``Storage`` (local or S3).
 """
 
@@ -168,9 +172,13 @@ def _mixture(ms: dict, root: Storage) -> dict | None:
             out["max_share_error"] = mix.get("max_share_error")
             out["note"] = mix.get("note")
             out["mixture_url"] = root.sub("reweight").url("mixture.json")
+            if isinstance(mix.get("languages"), dict):  # runs before the language mix have none
+                out["languages"] = mix["languages"]
         else:  # an older reweight: the manifest's mixture only
             out["key"] = (rw.get("config") or {}).get("key")
             out["domains"] = rw.get("metrics", {}).get("mixture") or {}
+            if isinstance(rw.get("metrics", {}).get("languages"), dict):
+                out["languages"] = rw["metrics"]["languages"]
     if sh:
         mix = _read_json(root.sub("shard"), "mixture.json") if "mixture.json" in _outputs(sh) else None
         if isinstance(mix, dict) and isinstance(mix.get("domains"), dict):
@@ -180,6 +188,19 @@ def _mixture(ms: dict, root: Storage) -> dict | None:
         elif isinstance(sh.get("metrics", {}).get("mixture"), dict):
             out["tokens"] = {d: {"share": v} for d, v in sh["metrics"]["mixture"].items()}
     return out
+
+
+def language_mix(normalize: dict | None, mixture: dict | None) -> list[dict]:
+    """Rows per language: documents normalize labelled (lid.176), and reweight's documents and shares of
+    estimated tokens before (its input: after dedup and filter) and after reweighting, 0 for a language gone
+    by then; ``None`` where a stage did not count (a run before reweight recorded languages shows normalize's
+    counts only). Most documents first."""
+    norm, rw = normalize or {}, (mixture or {}).get("languages") or {}
+    none = {"docs_before": 0, "docs_after": 0, "share_before": 0.0, "share_after": 0.0} if rw else {}
+    key = lambda x: (-(norm.get(x) or 0), -((rw.get(x) or {}).get("docs_before") or 0), x)  # noqa: E731
+    return [{"language": x, "normalize_docs": norm.get(x),
+             **{k: (rw.get(x) or none).get(k) for k in ("docs_before", "docs_after", "share_before", "share_after")}}
+            for x in sorted(set(norm) | set(rw), key=key)]
 
 
 def _tokenizer(ms: dict) -> dict | None:
@@ -268,10 +289,12 @@ def build(storage: str | Storage, run_id: str) -> dict:
     ms = {s: m for s in STAGES if (m := read_manifest(root, s)) is not None}
     norm = (ms.get("normalize") or {}).get("counts", {})
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    mixture = _mixture(ms, root)
     return {"run_id": run_id, "location": root.url(), "generated_at": now,
             "stages": list(ms), "complete": len(ms) == len(STAGES),
             "funnel": funnel(ms, root), "removed": _removed(ms, root), "dedup": _dedup(ms.get("dedup"), root),
-            "languages": norm.get("languages"), "mixture": _mixture(ms, root), "tokenizer": _tokenizer(ms),
+            "languages": norm.get("languages"), "language_mix": language_mix(norm.get("languages"), mixture),
+            "mixture": mixture, "tokenizer": _tokenizer(ms),
             "training": _training(ms, root), "evaluation": _evaluation(ms, root), "lineage": _lineage(ms, root),
             "crawl_inputs": list((ms.get("ingest") or {}).get("metrics", {}).get("inputs") or []),
             "config": {s: m.get("config") for s, m in ms.items()}}
@@ -563,10 +586,17 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None,
                         [[c["cluster"], c["removed"], _n(c["min_jaccard"]), c["kept_id"],
                           "<br>".join(str(u) for u in c["urls"][:3]) + (" …" if len(c["urls"]) > 3 else "")]
                          for c in d["largest_clusters"]])
-    if rep.get("languages"):
+    lm = rep.get("language_mix") or []
+    if any(r["docs_before"] is not None for r in lm):
+        L += ["## Language mix before / after reweighting", "",
+              "Documents per lid.176 label at normalize and at reweight's input (after dedup and filter) and "
+              "output (copies included); shares of estimated tokens.", ""]
+        L += _table(["language", "docs (normalize)", "docs before", "docs after", "share before", "share after"],
+                    [[r["language"], *(_n(r[k]) for k in ("normalize_docs", "docs_before", "docs_after",
+                                                          "share_before", "share_after"))] for r in lm])
+    elif lm:  # a run whose reweight did not count languages (or stopped before it): normalize's counts
         L += ["## Language mix (normalize)", ""]
-        langs = sorted(rep["languages"].items(), key=lambda x: -x[1])
-        L += _table(["language", "documents"], [[k, _n(v)] for k, v in langs])
+        L += _table(["language", "documents"], [[r["language"], _n(r["normalize_docs"])] for r in lm])
     mix = rep.get("mixture")
     if mix and mix.get("domains"):
         L += [f"## Domain mix ({mix.get('key') or 'domain'}) before / after reweighting", ""]
@@ -691,8 +721,8 @@ def _rows(section: str, a: dict, b: dict, only_changed: bool = False) -> list[di
 
 def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
     """What changed between two runs in the same storage: config (changed keys only), funnel counts per stage,
-    removed by reason, domain mix, tokenizer, training summary and evaluation per set. Rows: section, item,
-    a, b, delta (b - a for numbers). ``config_changed``: stages whose config section differs (not the
+    removed by reason, domain and language mix, tokenizer, training summary and evaluation per set. Rows: section,
+    item, a, b, delta (b - a for numbers). ``config_changed``: stages whose config section differs (not the
     fingerprints: those differ between run ids anyway, as they hash upstream manifests holding run id and
     timings; nor output sha256s: gzip headers carry write times)."""
     A, B = build(storage, run_a), build(storage, run_b)
@@ -717,6 +747,8 @@ def compare(storage: str | Storage, run_a: str, run_b: str) -> dict:
         out = {f"{d} share_after": v.get("share_after") for d, v in (m.get("domains") or {}).items()
                if isinstance(v, dict)}
         out.update({f"{d} token share": v.get("share") for d, v in (m.get("tokens") or {}).items()})
+        out.update({f"language {r['language']} share_after": r["share_after"] for r in rep.get("language_mix") or []
+                    if r["share_after"] is not None})
         return out
 
     def tok(rep):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import http.server
 import json
+import os
 import random
+import re
 import shutil
 import threading
 
@@ -226,20 +229,31 @@ def test_inputs_listed_with_sizes_and_balanced_by_size(tmp_path):
 # sources: Common Crawl through a local HTTP server, s3://
 
 @pytest.fixture
-def http_root(tmp_path):
-    """A folder served over HTTP on 127.0.0.1 (threaded http.server): (folder, base URL)."""
-    root = tmp_path / "www"
+def http_served(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (threaded http.server): (folder, base URL, requests as
+    [(method, path)])."""
+    root, log = tmp_path / "www", []
     root.mkdir()
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
+        def send_head(self):
+            log.append((self.command, self.path))
+            return super().send_head()
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/", log
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def http_root(http_served):
+    """(folder, base URL) of ``http_served``."""
+    return http_served[:2]
 
 
 SEGMENTS = ["1715971057216.39", "1715971057216.40", "1715971057216.41"]
@@ -529,3 +543,221 @@ def test_many_kinds_of_garbage_never_crash_the_run(tmp_path):
     assert c["files_in"] == 17 and sum(c["files_skipped"].values()) >= 12 and balanced(c)
     docs = read_docs(str(tmp_path / "st"))
     assert sum(d["metadata"]["source"] == "zz-good.warc.gz" for d in docs) == 9  # the good file is whole
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the fingerprint: crawl files by content (a file replaced under the same path re-runs ingest)
+
+EDIT = (b"This article explains", b"This article EXPLAINS")  # in the first page (whatsnew/3.2) of SMALL_CRAWL
+
+
+def crawl_slice(pages: int) -> bytes:
+    """The warcinfo and the first ``pages`` responses of a real crawl file, uncompressed (a plain .warc)."""
+    raw = gzip.decompress(SMALL_CRAWL.read_bytes())
+    starts = [m.start() for m in re.finditer(rb"WARC/1\.0\r\n", raw)]
+    return raw[:starts[pages + 1]]
+
+
+def edited(data: bytes) -> bytes:
+    """``data`` with one phrase of its first page changed: same size, other bytes."""
+    out = data.replace(*EDIT, 1)
+    assert len(out) == len(data) and out != data
+    return out
+
+
+def fingerprint(cfg) -> str:
+    from stages.core.runner import stage_fingerprint
+
+    return stage_fingerprint(cfg, "ingest", {})
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def texts(storage: str) -> str:
+    return "\n".join(d["text"] for d in read_docs(storage))
+
+
+def test_local_crawl_file_edited_in_place_reruns_ingest(tmp_path):
+    from stages.ingest import external_inputs
+
+    (tmp_path / "in").mkdir()
+    crawl, cc = tmp_path / "in" / "docs.warc", tmp_path / "in" / "cc.warc.gz"
+    data = crawl_slice(2)  # whatsnew/3.2 and 3.3, 660 kB
+    crawl.write_bytes(data)
+    shutil.copy(WARC / "cc.warc.gz", cc)
+    cfg, st = cfg_for([tmp_path / "in" / "*"]), str(tmp_path / "st")
+    m1 = run_stage("ingest", cfg, st, "run1")
+    assert m1["metrics"]["input_files"] == [  # in the order of metrics.inputs, like the outputs' entries
+        {"path": str(cc), "bytes": cc.stat().st_size, "sha256": sha256(cc.read_bytes())},
+        {"path": str(crawl), "bytes": len(data), "sha256": sha256(data)}] == external_inputs(cfg.ingest, cfg)["files"]
+    assert m1["metrics"]["inputs"] == [str(cc), str(crawl)] and m1["counts"]["html_pages"] == 3
+    assert EDIT[0].decode() in texts(st) and EDIT[1].decode() not in texts(st)
+
+    assert run_stage("ingest", cfg, st, "run1").get("skipped")  # untouched: skipped
+    mtime = crawl.stat().st_mtime_ns
+    os.utime(crawl, ns=(mtime + 10**9, mtime + 10**9))  # touched, same bytes: identified by content, skipped
+    assert run_stage("ingest", cfg, st, "run1").get("skipped")
+
+    crawl.write_bytes(edited(data))  # same path, same size, other bytes
+    m2 = run_stage("ingest", cfg, st, "run1")
+    assert not m2.get("skipped") and m2["fingerprint"] != m1["fingerprint"]
+    assert m2["metrics"]["input_files"] == [m1["metrics"]["input_files"][0],
+                                            {"path": str(crawl), "bytes": len(data), "sha256": sha256(edited(data))}]
+    assert EDIT[1].decode() in texts(st) and EDIT[0].decode() in texts(st)  # the edited page; 3.3 has it too
+    assert texts(st).count(EDIT[1].decode()) == 1
+
+
+def test_files_past_the_hash_budget_by_size_mtime_and_ends(tmp_path):
+    """Smallest files first are hashed whole within hash_budget_mb; a bigger one by size, mtime and its ends."""
+    from stages.ingest import external_inputs
+    from stages.ingest.identity import SAMPLE
+
+    small, big = tmp_path / "a.warc", tmp_path / "b.warc"
+    small.write_bytes(crawl_slice(1))  # 334 kB
+    big.write_bytes(crawl_slice(4))  # 1.0 MB: past a 1 MiB budget once the small one is hashed
+    cfg = cfg_for([tmp_path / "*.warc"], **{"ingest.hash_budget_mb": 1})
+    b = big.read_bytes()
+    assert external_inputs(cfg.ingest, cfg)["files"] == [
+        {"path": str(small), "bytes": small.stat().st_size, "sha256": sha256(small.read_bytes())},
+        {"path": str(big), "bytes": len(b), "mtime_ns": big.stat().st_mtime_ns,
+         "head_tail_sha256": sha256(b[:SAMPLE] + b[-SAMPLE:])}]
+    before = fingerprint(cfg)
+    mtime = big.stat().st_mtime_ns
+    os.utime(big, ns=(mtime + 10**9, mtime + 10**9))  # past the budget a touch re-runs (mtime is the signal)
+    assert fingerprint(cfg) != before
+    os.utime(big, ns=(mtime, mtime))
+    assert fingerprint(cfg) == before
+    big.write_bytes(b[:-SAMPLE] + b[-SAMPLE:].replace(b"</html>", b"</HTML>", 1))  # an edit in the last 64 KiB
+    os.utime(big, ns=(mtime, mtime))  # even with the old mtime put back
+    assert fingerprint(cfg) != before
+    unlimited = cfg_for([tmp_path / "*.warc"])  # default budget (1 GiB): both by content
+    assert [sorted(f) for f in external_inputs(unlimited.ingest, unlimited)["files"]] == [["bytes", "path", "sha256"]] * 2
+
+
+def test_s3_object_replaced_under_the_same_key_reruns_ingest(tmp_path, s3_bucket):
+    import boto3
+
+    data, bucket = crawl_slice(2), s3_bucket[len("s3://"):]
+    s3 = boto3.client("s3")  # the user's own upload, not through Kiln's filesystem (whose listing cache it misses)
+    s3.put_object(Bucket=bucket, Key="crawl/docs.warc", Body=data)
+    s3.put_object(Bucket=bucket, Key="crawl/cc.warc.gz", Body=(WARC / "cc.warc.gz").read_bytes())
+    cfg = load_tiny(None, {"ingest.inputs": [f"{s3_bucket}/crawl/"], "run.workers": 1})
+    st = str(tmp_path / "st")
+    m1 = run_stage("ingest", cfg, st, "run1")
+    ids = m1["metrics"]["input_files"]
+    assert ids == [{"path": f"{s3_bucket}/crawl/cc.warc.gz", "bytes": (WARC / "cc.warc.gz").stat().st_size,
+                    "etag": hashlib.md5((WARC / "cc.warc.gz").read_bytes()).hexdigest()},  # S3's ETag of a PUT
+                   {"path": f"{s3_bucket}/crawl/docs.warc", "bytes": len(data), "etag": hashlib.md5(data).hexdigest()}]
+    assert run_stage("ingest", cfg, st, "run1").get("skipped")
+
+    s3.put_object(Bucket=bucket, Key="crawl/docs.warc", Body=edited(data))  # same key, same size
+    m2 = run_stage("ingest", cfg, st, "run1")
+    assert not m2.get("skipped") and m2["fingerprint"] != m1["fingerprint"]
+    assert m2["metrics"]["input_files"] == [ids[0], {**ids[1], "etag": hashlib.md5(edited(data)).hexdigest()}]
+    assert texts(st).count(EDIT[1].decode()) == 1
+    assert run_stage("ingest", cfg, st, "run1").get("skipped")
+
+
+def test_http_sources_by_etag_and_a_server_without_validators_said_so(tmp_path):
+    from stages.ingest.identity import UNVERIFIED
+
+    data = crawl_slice(2)
+    served = {"/etag/docs.warc": (data, {"ETag": f'"{sha256(data)[:16]}"'}),
+              "/dated/cc.warc.gz": ((WARC / "cc.warc.gz").read_bytes(), {"Last-Modified": "Wed, 15 May 2024 10:00:00 GMT"}),
+              "/bare/example.warc.gz": ((WARC / "example.warc.gz").read_bytes(), {})}
+    hits = []
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.do_GET(body=False)
+
+        def do_GET(self, body=True):
+            hits.append((self.command, self.path))
+            payload, headers = served[self.path]
+            self.send_response(200)
+            for k, v in {"Content-Length": str(len(payload)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if body:
+                self.wfile.write(payload)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        cfg = load_tiny(None, {"ingest.inputs": [base + p for p in served]})
+        st = str(tmp_path / "st")
+        m1 = run_stage("ingest", cfg, st, "run1")
+        assert m1["metrics"]["input_files"] == [
+            {"path": base + "/etag/docs.warc", "bytes": len(data), "etag": sha256(data)[:16]},
+            {"path": base + "/dated/cc.warc.gz", "bytes": (WARC / "cc.warc.gz").stat().st_size,
+             "last_modified": "Wed, 15 May 2024 10:00:00 GMT"},
+            {"path": base + "/bare/example.warc.gz", "bytes": (WARC / "example.warc.gz").stat().st_size,
+             "unverified": UNVERIFIED}]  # no validator: said, and the run goes on
+        assert m1["counts"]["files_in"] == 3 and m1["counts"]["html_pages"] == 4
+        hits.clear()
+        assert run_stage("ingest", cfg, st, "run1").get("skipped")
+        assert sorted(hits) == sorted(("HEAD", p) for p in served)  # a skip costs one HEAD per file, no GET
+
+        served["/etag/docs.warc"] = (edited(data), {"ETag": f'"{sha256(edited(data))[:16]}"'})  # same URL and size
+        m2 = run_stage("ingest", cfg, st, "run1")
+        assert not m2.get("skipped") and m2["fingerprint"] != m1["fingerprint"]
+        assert m2["metrics"]["input_files"][0]["etag"] == sha256(edited(data))[:16]
+        assert texts(st).count(EDIT[1].decode()) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_glob_picking_a_new_file_changes_the_fingerprint(tmp_path):
+    """The fingerprint identifies exactly the files ingest reads (the same resolution: sources.listing)."""
+    from stages.core.runner import StageContext
+    from stages.ingest import external_inputs
+    from stages.ingest.sources import input_files
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    shutil.copy(WARC / "cc.warc.gz", tmp_path / "in" / "a.warc.gz")
+    shutil.copy(WARC / "whirlwind.warc.wet.gz", tmp_path / "in" / "sub" / "c.wet.gz")
+    cfg = cfg_for([tmp_path / "in" / "*.warc.gz", tmp_path / "in" / "sub"])  # a glob and a folder
+
+    def listed():
+        read = [u for u, _ in input_files(cfg.ingest, StageContext("ingest", "r", cfg, None, None, {}, str(tmp_path)))]
+        assert [f["path"] for f in external_inputs(cfg.ingest, cfg)["files"]] == read
+        return read
+
+    assert listed() == [str(tmp_path / "in" / "a.warc.gz"), str(tmp_path / "in" / "sub" / "c.wet.gz")]
+    before = fingerprint(cfg)
+    shutil.copy(JSONL[0], tmp_path / "in" / "sub" / "index.cdx")  # not a crawl file: ignored by both
+    shutil.copy(WARC / "example.warc.gz", tmp_path / "in" / "b.wet")  # not matched by the glob
+    assert len(listed()) == 2 and fingerprint(cfg) == before
+    shutil.copy(WARC / "example.warc.gz", tmp_path / "in" / "b.warc.gz")  # the glob picks a new file
+    assert str(tmp_path / "in" / "b.warc.gz") in listed() and fingerprint(cfg) != before
+    (tmp_path / "in" / "b.warc.gz").unlink()
+    assert fingerprint(cfg) == before
+
+
+def test_common_crawl_fingerprint_is_the_resolved_list_without_fetching_files(tmp_path, http_served):
+    from stages.ingest import external_inputs
+
+    root, base, log = http_served
+    paths = make_crawl(root)
+    cc = {"crawl": CC, "segments": [0, 2], "files_per_segment": 1, "kind": "warc", "base_url": base}
+    cfg = load_tiny(None, {"ingest.inputs": [], "ingest.common_crawl": cc})
+    listing = f"{base}crawl-data/{CC}/warc.paths.gz"
+    assert external_inputs(cfg.ingest, cfg)["files"] == [{"path": base + p, "listed_in": listing}
+                                                          for p in (paths[0], paths[2])]
+    assert {p for _, p in log} == {f"/crawl-data/{CC}/warc.paths.gz"}  # the listing only: no crawl file asked for
+    before = fingerprint(cfg)
+    assert fingerprint(cfg) == before
+    for other in ({"segments": [0, 3]}, {"files_per_segment": 2}):
+        assert fingerprint(load_tiny(None, {"ingest.inputs": [], "ingest.common_crawl": {**cc, **other}})) != before
+    log.clear()
+    m = run_stage("ingest", cfg, str(tmp_path / "st"), "run1")  # the run HEADs each file (sizes): recorded too
+    files = m["metrics"]["input_files"]
+    assert [f["path"] for f in files] == m["metrics"]["inputs"] == [base + paths[0], base + paths[2]]
+    assert all(f["listed_in"] == listing and f["last_modified"] and f["bytes"] > 0 for f in files)

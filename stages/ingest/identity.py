@@ -15,7 +15,9 @@ One entry per file, ``{"path": <URL or path>, "bytes": <size>, ...}`` and how it
   assumption). No cache of hashes across calls: a write within the same clock tick as an earlier hash would
   keep size, mtime and ctime (git's "racy" case); ingest hashes twice per run (fingerprint, then manifest).
 - S3 (and other object stores): ``etag`` from the listing (one request per folder or glob; no download);
-  ``last_modified`` where a store gives no ETag.
+  ``last_modified`` where a store gives no ETag. The listing is read afresh (``sources.expand``): without that,
+  s3fs's listing cache (per process) kept a replaced object's old entry and the reader, opening it against that,
+  lost the new object's pages (test_s3_object_replaced_under_the_same_key_reruns_ingest then fails).
 - http(s): ``etag``, ``last_modified`` (and ``content_md5`` / ``digest`` if sent) from the HEAD request that
   sizes the file; a server that sends none of them gets ``"unverified": ...`` saying so (the URL and
   Content-Length are all there is: a change under the same URL and size goes unseen), never an error.
@@ -33,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 SAMPLE = 64 << 10  # bytes at each end of a file past the hash budget
-# fsspec info keys -> manifest keys: content tags first; a date only where no content tag came
+# fsspec info keys -> manifest keys: content tags; dates too for http, for object stores only without a tag
 _TAGS = (("ETag", "etag"), ("etag", "etag"), ("Content-MD5", "content_md5"), ("Digest", "digest"),
          ("md5Hash", "md5"))
 _DATES = (("Last-Modified", "last_modified"), ("LastModified", "last_modified"), ("last_modified", "last_modified"),
@@ -62,20 +64,21 @@ def _sha256(path: str, sample: bool) -> str:
 
 
 def _remote(url: str, info: dict) -> dict:
-    size = info.get("size")
-    out: dict = {"path": url, "bytes": int(size) if size is not None else None}
+    out: dict = {"path": url} | ({"bytes": int(info["size"])} if info.get("size") is not None else {})
+    said: dict = {}
     for key, name in _TAGS:
-        if info.get(key) and name not in out:
-            out[name] = str(info[key]).strip('"')
+        if info.get(key) and name not in said:
+            said[name] = str(info[key]).strip('"')
     http = url.startswith(("http://", "https://"))
-    if http or len(out) == 2:  # http: every validator the server sent; object stores: a date if no ETag
+    if http or not said:  # http: every validator the server sent; object stores: a date where no ETag
         for key, name in _DATES:
-            if info.get(key) and name not in out:
+            if info.get(key) and name not in said:
                 v = info[key]
-                out[name] = v.isoformat() if isinstance(v, datetime) else str(v)
+                said[name] = v.isoformat() if isinstance(v, datetime) else str(v)
+    out |= said
     if "listed_in" in info:
         out["listed_in"] = info["listed_in"]
-    elif len(out) == 2:
+    elif not said:
         out["unverified"] = UNVERIFIED if http else "no ETag or modification date listed: identified by size only"
     return out
 

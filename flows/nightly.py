@@ -30,9 +30,10 @@ from flows.params import (DATA_STAGES, RETRIES, RETRY_DELAYS, TRAIN_STAGES, Data
 from flows.pipeline import artifact_key, stage_task, write_and_publish_report
 from stages import STAGES
 from stages.core import summary
-from stages.core.config import ConfigError, resolve_path
-from stages.core.runner import RunLocked, run_lock
-from stages.core.storage import Storage, expand_inputs
+from stages.core.config import ConfigError
+from stages.core.runner import RunLocked, StageError, run_lock
+from stages.core.storage import Storage
+from stages.ingest.sources import listing
 
 kiln_stage = stage_task.with_options(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2,
                                      retry_condition_fn=retry_transient)
@@ -113,6 +114,14 @@ def publish_version(storage: str, version: str, result: dict, files: list[str]) 
     return entry
 
 
+def source_files(cfg, source: list[str]) -> list[str]:
+    """The crawl files behind ``source``, exactly as ingest would read them (``stages.ingest.sources.listing``:
+    folders and globs expanded, files ingest cannot read left out), sorted: what a version records and the next
+    night compares against, so a new file dropped into a watched folder is new."""
+    ingest = cfg.ingest.model_copy(update={"inputs": list(source), "common_crawl": None})
+    return sorted(u for u, _ in listing(ingest, cfg))
+
+
 @flow(name="kiln-nightly-refresh", log_prints=True)
 def nightly_refresh(run: NightlyParams = NightlyParams()) -> dict:
     """One snapshot in, one dataset version out (dedup against every earlier snapshot in the index)."""
@@ -122,7 +131,10 @@ def nightly_refresh(run: NightlyParams = NightlyParams()) -> dict:
         cfg, uri, _ = p.load()
     except ConfigError as e:
         return Failed(message=f"config error: {e}")
-    files = expand_inputs([resolve_path(cfg, s) for s in run.source])
+    try:
+        files = source_files(cfg, run.source)
+    except StageError as e:
+        return Failed(message=str(e))
     seen = {f for v in published(uri) if v["version"] != version for f in v.get("files", [])}
     new = [f for f in files if f not in seen] if run.only_new else files
     if not new:

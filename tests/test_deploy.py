@@ -523,3 +523,27 @@ def test_nightly_refresh_second_snapshot_adds_only_new_documents(prefect_api, tm
     assert d4["documents_out"] == 0 and d4["all_duplicates"] and d4["documents_in"] > 0
     assert sum(d4["removed"].values()) == d4["documents_in"]
     assert len(root.read_json("nightly/versions.json")["versions"]) == 2
+
+
+def test_nightly_source_files_are_the_files_ingest_reads(tmp_path):
+    """A watched folder: the version records the crawl files in it (not the folder), so a file dropped in later
+    is new the next night; files ingest cannot read are left out; a source matching nothing is a clear error."""
+    from conftest import load_tiny
+
+    from flows.nightly import source_files
+    from stages.core.runner import StageError
+
+    cfg = load_tiny(tmp_path, {})
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    (watched / "a.warc.gz").symlink_to(ONE_FILE)
+    (watched / "notes.txt").write_text("not a crawl file")
+    first = source_files(cfg, [str(watched)])
+    assert first == [str(watched / "a.warc.gz")]
+    (watched / "b.warc.gz").symlink_to(CRAWL / "docs.djangoproject.com-0001.warc.gz")
+    second = source_files(cfg, [str(watched)])
+    assert second == [str(watched / "a.warc.gz"), str(watched / "b.warc.gz")]
+    assert [f for f in second if f not in first] == [str(watched / "b.warc.gz")]
+    assert source_files(cfg, [str(watched / "*.warc.gz"), ONE_FILE]) == sorted(second + [ONE_FILE])
+    with pytest.raises(StageError, match="matches no file"):
+        source_files(cfg, [str(tmp_path / "nothing-*.warc.gz")])

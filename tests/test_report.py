@@ -13,6 +13,7 @@ import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +179,14 @@ def test_lineage_hashes_are_the_manifests(runs, tmp_path):
             assert rec["consistent"] and rec["manifest_sha256"] == lin[dep]["manifest_sha256"]
     assert [s for s, r in lin.items() if r["behind_checkpoint"]] == STAGES[:-1]  # all but evaluate
     assert rep["crawl_inputs"] == json.loads(root.read_bytes("ingest/manifest.json"))["metrics"]["inputs"] != []
+    # the crawl files by content: the sha256 of the bytes ingest read, in the report's lineage
+    files = rep["crawl_files"]
+    assert [f["path"] for f in files] == rep["crawl_inputs"]
+    for f in files:
+        assert f["sha256"] == hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest()
+        assert f["bytes"] == Path(f["path"]).stat().st_size
+    md = report.render_markdown(rep)
+    assert all(f"sha256 `{f['sha256']}`" in md for f in files)
 
     # an upstream manifest edited after the fact is flagged where it was recorded
     shutil.copytree(root.url(), tmp_path / "a")

@@ -297,6 +297,7 @@ def build(storage: str | Storage, run_id: str) -> dict:
             "mixture": mixture, "tokenizer": _tokenizer(ms),
             "training": _training(ms, root), "evaluation": _evaluation(ms, root), "lineage": _lineage(ms, root),
             "crawl_inputs": list((ms.get("ingest") or {}).get("metrics", {}).get("inputs") or []),
+            "crawl_files": list((ms.get("ingest") or {}).get("metrics", {}).get("input_files") or []),
             "config": {s: m.get("config") for s, m in ms.items()}}
 
 
@@ -670,7 +671,13 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None,
     L += _table(["stage", "behind checkpoint", "fingerprint", "manifest sha256", "file sha256", "inputs"], rows)
     if rep.get("crawl_inputs"):
         L += [f"Crawl files ingest read ({len(rep['crawl_inputs'])}, as its manifest lists them):", ""]
-        L += [f"- `{p}`" for p in rep["crawl_inputs"]] + [""]
+        if rep.get("crawl_files"):  # by content (stages/ingest/identity.py): part of ingest's fingerprint
+            L += _table(["file", "bytes", "identified by"],
+                        [[f"`{f['path']}`", f.get("bytes", ""),
+                          ", ".join(f"{k} `{v}`" for k, v in f.items() if k not in ("path", "bytes"))]
+                         for f in rep["crawl_files"]])
+        else:  # manifests written before metrics.input_files
+            L += [f"- `{p}`" for p in rep["crawl_inputs"]] + [""]
     return "\n".join(L)
 
 

@@ -35,14 +35,14 @@ def _n(v, approx=False) -> str:
     return ("~" + s) if approx else s
 
 
-def _eval_lines(ev) -> list[str]:
+def _eval_lines(ev, width: int = 16) -> list[str]:
     sets = ev.get("sets", ev) if isinstance(ev, dict) else {}
     lines = []
     for name, res in sets.items():
         if isinstance(res, dict):
-            keys = [k for k in ("loss", "perplexity", "bits_per_byte", "word_perplexity", "accuracy", "tokens")
-                    if res.get(k) is not None]
-            lines.append(f"  {name:<16}" + "  ".join(f"{k}={_n(res[k])}" for k in keys))
+            keys = [k for k in ("loss", "perplexity", "bits_per_byte", "word_perplexity", "accuracy", "tokens",
+                                "examples") if res.get(k) is not None]
+            lines.append(f"  {name:<{width}}" + "  ".join(f"{k}={_n(res[k])}" for k in keys))
     return lines
 
 
@@ -50,12 +50,17 @@ def render(summary: dict) -> str:
     lines = [f"Kiln run '{summary['run_id']}' at {summary['location']}", render_funnel(summary, wall_time=True)]
     if "checkpoint" in summary:
         t = summary["train"]
+        t = {**t, **({"tokens_per_s": round(t["tokens_per_s"])} if isinstance(t.get("tokens_per_s"), float) else {})}
         extra = ", ".join(f"{k}={_n(t[k])}" for k in ("steps", "tokens_trained", "final_loss", "tokens_per_s") if k in t)
         lines.append(f"checkpoint: {summary['checkpoint']}  ({extra})")
     if "evaluation" in summary:
         lines.append(f"evaluation: {summary['evaluation_report']}")
-        lines.extend(_eval_lines(summary["evaluation"]))
-        lines.extend(_eval_lines({"sets": summary["evaluation"].get("last_word") or {}}))
+        ev = summary["evaluation"]
+        last_word = {"sets": ev.get("last_word") or {}} if isinstance(ev, dict) else {}
+        names = [*(ev.get("sets", ev) if isinstance(ev, dict) else {}), *last_word.get("sets", {})]
+        width = max([16, *(len(n) + 2 for n in names)])
+        lines.extend(_eval_lines(ev, width))
+        lines.extend(_eval_lines(last_word, width))
     if "report" in summary:
         lines.append(f"report: {summary['report']}  (kiln report --compare RUN_A RUN_B: what changed between runs)")
     if not summary["complete"]:

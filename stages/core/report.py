@@ -673,7 +673,7 @@ def render_markdown(rep: dict, plot_links: dict[str, str] | None = None,
         L += [f"Crawl files ingest read ({len(rep['crawl_inputs'])}, as its manifest lists them):", ""]
         if rep.get("crawl_files"):  # by content (stages/ingest/identity.py): part of ingest's fingerprint
             L += _table(["file", "bytes", "identified by"],
-                        [[f"`{f['path']}`", f.get("bytes", ""),
+                        [[f"`{f['path']}`", f"{f['bytes']:,}" if isinstance(f.get("bytes"), int) else "",
                           ", ".join(f"{k} `{v}`" for k, v in f.items() if k not in ("path", "bytes"))]
                          for f in rep["crawl_files"]])
         else:  # manifests written before metrics.input_files

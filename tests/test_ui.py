@@ -12,6 +12,7 @@ until the run has loaded), so the test clicks the tab, as a user does.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -208,3 +209,26 @@ def test_each_stage_task_leaves_a_progress_artifact_at_100_percent(completed_run
         assert a["updated"] > a["created"]  # created when the stage started, then updated
     latest = _api(api, "POST", "/artifacts/latest/filter", {"artifacts": {"key": {"like_": "kiln-progress-ui-"}}})[1]
     assert {a["key"]: a["data"] for a in latest} == {"kiln-progress-ui-ingest": 100, "kiln-progress-ui-normalize": 100}
+
+
+def test_report_plot_image_artifact_renders_in_the_ui(chromium, completed_run):
+    """The run report's plots are Prefect image artifacts (PNG as a data URL): the UI's artifact page shows the
+    funnel plot as a loaded image of the PNG's own size (not a broken image), the same bytes as in storage."""
+    from PIL import Image
+
+    base, api, run, _, _ = completed_run
+    arts = _api(api, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]},
+                                                                 "type": {"any_": ["image"]}}})[1]
+    (funnel,) = [a for a in arts if a["key"] == "kiln-plot-funnel-ui"]
+    head = "data:image/png;base64,"
+    assert funnel["data"].startswith(head)
+    png = Image.open(io.BytesIO(base64.b64decode(funnel["data"][len(head):])))
+    with browser(chromium) as page:
+        page("Page.navigate", url=f"{base}/artifacts/artifact/{funnel['id']}")
+        shown = page.until("the funnel plot as a loaded image", "(() => {const i = [...document.images].find("
+                           "e => e.src.startsWith('data:image/png')); return i && i.complete && i.naturalWidth > 0"
+                           " && [i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width]})()")
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "ui_plot_artifact.png").write_bytes(
+            base64.b64decode(page("Page.captureScreenshot", format="png")["data"]))
+    assert shown[:2] == list(png.size) and shown[2] > 300, shown

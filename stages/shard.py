@@ -433,7 +433,7 @@ class _SplitFiles:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from stages.core.pipeline import block_stats, run_pipeline
+    from stages.core.pipeline import block_stats, check_upstream_read, run_pipeline
     from stages.core.tokens import TokenShard
 
     if "tokenizer.model" not in ctx.input_files("tokenizer"):
@@ -464,6 +464,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
          for k in ("docs_train", "docs_validation", "tokens_train", "tokens_validation", "empty")}
     out = {"documents": n["docs_train"] + n["docs_val"], "bytes": int(tok.get("bytes", 0))}
     docs_in = int(block_stats(stats, "🐿 Jsonl").get("documents", 0))
+    check_upstream_read(ctx, "reweight", docs_in)
     if docs_in != out["documents"] + n["empty"]:
         raise StageError(f"shard: read {docs_in} documents but wrote {out['documents']} (+{n['empty']} empty)")
     if n["docs_train"] == 0:

@@ -140,7 +140,7 @@ def hf_config(sp) -> dict:
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     import sentencepiece as spm
-    from stages.core.pipeline import upstream_reader
+    from stages.core.pipeline import check_upstream_read, upstream_reader
 
     src = ctx.input("reweight").datafolder("data")
     reader = upstream_reader(ctx, "reweight", add_file_path=False)
@@ -149,6 +149,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         return reader()  # the manifest's files, in sorted order: deterministic
 
     meta = [(d.id, base_id(d.id), len(d.text.encode("utf-8"))) for d in docs()]
+    check_upstream_read(ctx, "reweight", len(meta))
     if not meta:
         raise StageError(f"tokenizer: no documents in {src.path}")
     heldout, train = _plan(meta, ctx.cfg.run.seed, cfg)

@@ -310,6 +310,37 @@ def test_damaged_upstream_output_is_one_clear_error(tmp_path, damage):
         run_stage("normalize", cfg, storage, "r")
 
 
+def _damage_line(data: Storage, rel: str, i: int, junk: bytes) -> None:
+    lines = gzip.decompress(data.read_bytes(rel)).splitlines()
+    lines[i] = junk
+    data.write_bytes(rel, gzip.compress(b"\n".join(lines) + b"\n"))
+
+
+def test_damaged_upstream_output_fails_dedup_tokenizer_and_shard_too(tmp_path):
+    """The same count check in every stage that reads a whole upstream stage: dedup (normalize's files, before
+    anything reaches the cross-snapshot index), tokenizer and shard (reweight's files; shard has its own reader)."""
+    from conftest import real_docs
+    from test_reweight import mixed_docs
+
+    storage = str(tmp_path)
+    cfg = load_tiny(tmp_path, {**FAST, "dedup.index": None, "tokenizer.vocab_size": 1024})
+    seed_stage(storage, "d", "normalize", real_docs(12))
+    _damage_line(Storage(storage).sub("d", "normalize"), "data/00000.jsonl.gz", 3, b"not json {")
+    with pytest.raises(StageError, match=r"^dedup: read 11 documents of the 12 that the normalize manifest counts "
+                                         r"in .*/d/normalize/data: .*kiln stage normalize --force"):
+        run_stage("dedup", cfg, storage, "d")
+
+    docs = mixed_docs(20, 20, 5)
+    seed_stage(storage, "t", "reweight", docs)
+    run_stage("tokenizer", cfg, storage, "t")  # on the intact files
+    _damage_line(Storage(storage).sub("t", "reweight"), "data/00000.jsonl.gz", 7, b'{"text": "cut')
+    want = rf"read {len(docs) - 1} documents of the {len(docs)} that the reweight manifest counts in .*/t/reweight/data"
+    with pytest.raises(StageError, match=rf"^shard: {want}"):
+        run_stage("shard", cfg, storage, "t")
+    with pytest.raises(StageError, match=rf"^tokenizer: {want}"):
+        run_stage("tokenizer", cfg, storage, "t", force=True)
+
+
 def test_eval_sets_bad_files_are_clear_errors(tmp_path):
     """Zero-length, non-UTF-8 and truncated-gzip eval files: one StageError naming the set and the file."""
     from stages.evaluate import EvalSet, load_set

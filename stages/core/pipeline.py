@@ -73,8 +73,8 @@ def upstream_reader(ctx: StageContext, stage: str, **kwargs):
 def check_upstream_read(ctx: StageContext, stage: str, read: int) -> None:
     """A StageError when fewer documents were read from ``stage``'s data files than the ``documents_out`` its
     manifest counts: datatrove's JsonlReader skips a line that is not JSON (and the rest of a file that is not
-    UTF-8) with only a log line, so damaged upstream files would otherwise lose documents silently. Called by the
-    stages that read a whole upstream stage with ``upstream_reader`` (normalize, filter, reweight)."""
+    UTF-8) with only a log line, so damaged upstream files would otherwise lose documents silently. Called by every
+    stage that reads a whole upstream stage's documents (normalize, dedup, filter, reweight, tokenizer, shard)."""
     expected = (ctx.inputs[stage].get("counts") or {}).get("documents_out")
     if isinstance(expected, int) and read < expected:
         raise StageError(f"{ctx.stage}: read {read} documents of the {expected} that the {stage} manifest counts in "

@@ -72,7 +72,8 @@ def _storage_root(ctx: StageContext) -> str:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from stages.core.pipeline import block_stats, data_result, output_steps, run_pipeline, upstream_reader
+    from stages.core.pipeline import (block_stats, check_upstream_read, data_result, output_steps, run_pipeline,
+                                      upstream_reader)
     from stages.dedup.blocks import DUPLICATES, cluster_block_cls, filter_block_cls, signature_block_cls
     from stages.dedup.index import DedupIndex, index_storage
     from stages.dedup.minhash import MinHasher
@@ -94,6 +95,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                              signature_block_cls()(scratch, cfg.n_grams, cfg.bands, cfg.rows, cfg.seed)],
                        name="dedup_signature", workers=workers)
     seconds["signature"] = time.perf_counter() - t
+    documents_in = int(block_stats(sig, "🔏 dedup signature").get("documents", 0))
+    check_upstream_read(ctx, "normalize", documents_in)  # before anything reaches the index
 
     t = time.perf_counter()
     rules = dict(exact=cfg.exact, url=cfg.url, near=cfg.near, threshold=cfg.threshold, keep=cfg.keep)
@@ -123,7 +126,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         seconds["index_commit"] = time.perf_counter() - t
         index_counts.update(uri=index.uri, snapshot=snapshot, segments_read=len(index.prior_segments(
             index.load(), snapshot)), replaced_segment=bool(replaced))
-    documents_in = int(block_stats(sig, "🔏 dedup signature").get("documents", 0))
     metrics = {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "in_process": workers == 1,
                "index_orphans_removed": len(orphans) if index is not None else 0,
                "cluster_memory": counts.get("memory"), "blocks": {"signature": sig, "cluster": cl, "filter": filt}}

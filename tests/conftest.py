@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import re
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,11 +76,99 @@ def real_docs(n: int = 200) -> list[dict]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.S)
+_RANGE = re.compile(rb"^range: *bytes=(\d+)-(\d+)\r?$", re.I | re.M)
+
+
+class TcpProxy:
+    """A TCP proxy 127.0.0.1:port -> 127.0.0.1:target in front of a real server (moto_server), for the tests that
+    need the endpoint to go away (``stop``: listener closed, every open connection reset, clients get refused /
+    reset; ``start`` listens on the same port again, the server keeping its state) or need to see the traffic
+    (what clients sent, per connection, and the bytes the target sent back, counted before they are forwarded,
+    so a completed read has been counted whole)."""
+
+    def __init__(self, target: int):
+        self.target, self.port, self.ls = target, _free_port(), None
+        self.mu, self.conns, self.sent, self.down, self.accepted = threading.Lock(), [], [], 0, 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> TcpProxy:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(128)
+        self.ls = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+        return self
+
+    def _accept(self, ls) -> None:
+        while True:
+            try:
+                c, _ = ls.accept()
+                u = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            buf = bytearray()
+            with self.mu:
+                self.conns += [c, u]
+                self.sent.append(buf)
+                self.accepted += 1
+            threading.Thread(target=self._pipe, args=(c, u, buf), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, None), daemon=True).start()
+
+    def _pipe(self, a, b, buf) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                with self.mu:
+                    if buf is None:
+                        self.down += len(data)
+                    else:
+                        buf += data
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def snapshot(self) -> tuple[int, int]:
+        """(bytes received from the target so far, requests so far): a mark to measure what a read costs."""
+        with self.mu:
+            return self.down, len(self._requests())
+
+    def requests(self) -> list[tuple[str, str, tuple[int, int] | None]]:
+        """(method, path, inclusive byte range or None) of every request, per connection in arrival order."""
+        with self.mu:
+            return self._requests()
+
+    def _requests(self) -> list:
+        out = []
+        for buf in self.sent:
+            for m in _REQUEST.finditer(bytes(buf)):
+                r = _RANGE.search(m[3])
+                out.append((m[1].decode(), m[2].decode(), (int(r[1]), int(r[2])) if r else None))
+        return out
+
+    def stop(self) -> None:
+        if self.ls is not None:
+            self.ls.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
+            self.ls.close()
+            self.ls = None
+        with self.mu:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST, not FIN
+                s.close()
 
 
 @pytest.fixture(scope="session")

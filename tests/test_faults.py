@@ -10,10 +10,8 @@ past the limit fail with EFBIG), the upstream copied in, the shard stage's outpu
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import ROOT, _free_port, load_tiny
+from conftest import ROOT, TcpProxy, _free_port, load_tiny
 from test_reweight import mixed_docs, seed_split
 
 from stages.core.runner import StageError, run_stage
@@ -32,77 +30,15 @@ FAST = {"run.tasks": 2, "run.workers": 1, "tokenizer.vocab_size": 2048, "shard.i
 RUN = "r"
 
 
-class Proxy:
-    """A TCP proxy 127.0.0.1:port -> 127.0.0.1:target. ``stop`` closes the listener and resets every connection
-    (the endpoint is gone: connection refused); ``start`` listens on the same port again."""
-
-    def __init__(self, target: int):
-        self.target, self.port, self.conns, self.ls = target, _free_port(), [], None
-        self.accepted, self.mu = 0, threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", self.port))
-        ls.listen(128)
-        self.ls = ls
-        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
-
-    def _accept(self, ls) -> None:
-        while True:
-            try:
-                c, _ = ls.accept()
-                u = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                return
-            with self.mu:
-                self.conns += [c, u]
-                self.accepted += 1
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        if self.ls is not None:
-            self.ls.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
-            self.ls.close()
-            self.ls = None
-        with self.mu:
-            conns, self.conns = self.conns, []
-        for s in conns:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST, not FIN
-                s.close()
-            except OSError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """moto_server (state in memory, kept across proxy outages) behind a Proxy; a bucket holding reweight's output
+    """moto_server (state in memory, kept across proxy outages) behind a TcpProxy; a bucket holding reweight's output
     (real documents, two files) and a trained tokenizer; the shard stage's outputs of an uninterrupted run."""
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     port = _free_port()
     moto = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    proxy = Proxy(port)
+    proxy = TcpProxy(port)
     old = os.environ.get("AWS_ENDPOINT_URL")
     try:
         for _ in range(100):

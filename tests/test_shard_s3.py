@@ -5,111 +5,24 @@ sends back. Also the Parquet shards: pyarrow's own S3 client (no Kiln) reads one
 from __future__ import annotations
 
 import io
-import re
-import socket
-import threading
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
-from conftest import _free_port, load_tiny
+from conftest import TcpProxy, load_tiny
 from test_reweight import mixed_docs
 from test_shard import build, with_copies
 
 from stages.core.storage import Storage
 from stages.core.tokens import HEADER_BYTES, TokenShard
 
-_REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.S)
-_RANGE = re.compile(rb"^range: *bytes=(\d+)-(\d+)\r?$", re.I | re.M)
-
-
-class CountingProxy:
-    """127.0.0.1:port -> 127.0.0.1:target, keeping what clients sent (per connection) and counting the bytes the
-    target sent back. Bytes are counted before they are forwarded, so a completed read has been counted whole."""
-
-    def __init__(self, target: int):
-        self.target, self.port = target, _free_port()
-        self.mu, self.sent, self.down, self.socks = threading.Lock(), [], 0, []
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", self.port))
-        self.ls.listen(64)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.ls.accept()
-                u = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                return
-            buf = bytearray()
-            with self.mu:
-                self.sent.append(buf)
-                self.socks += [c, u]
-            threading.Thread(target=self._pipe, args=(c, u, buf), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(u, c, None), daemon=True).start()
-
-    def _pipe(self, a, b, buf) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                with self.mu:
-                    if buf is None:
-                        self.down += len(data)
-                    else:
-                        buf += data
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def snapshot(self) -> tuple[int, int]:
-        """(bytes received from the target so far, requests so far): a mark to measure what a read costs."""
-        with self.mu:
-            return self.down, len(self.requests(lock=False))
-
-    def requests(self, lock: bool = True) -> list[tuple[str, str, tuple[int, int] | None]]:
-        """(method, path, inclusive byte range or None) of every request, per connection in arrival order."""
-        with self.mu if lock else _nothing():
-            out = []
-            for buf in self.sent:
-                for m in _REQUEST.finditer(bytes(buf)):
-                    r = _RANGE.search(m[3])
-                    out.append((m[1].decode(), m[2].decode(), (int(r[1]), int(r[2])) if r else None))
-            return out
-
-    def close(self) -> None:
-        self.ls.close()
-        for s in self.socks:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 @pytest.fixture
 def proxy(s3_endpoint):
-    p = CountingProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    p = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1])).start()
     yield p
-    p.close()
+    p.stop()
 
 
 def test_windows_documents_and_headers_are_range_gets_of_their_bytes_only(s3_bucket, tmp_path, monkeypatch, proxy):

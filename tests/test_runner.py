@@ -249,12 +249,12 @@ def test_lock_release_with_storage_down_never_masks_the_first_error(s3_endpoint,
     import time
 
     import boto3
-    from test_faults import Proxy
+    from conftest import TcpProxy
 
     from stages.core.runner import LOCK, run_lock
     from stages.core.storage import StorageUnavailable
 
-    proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     proxy.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("KILN_S3_ATTEMPTS", "1")

@@ -200,11 +200,15 @@ def _block():
         name = "token shards"
         type = "🔢 - TOKENIZER"
 
-        def __init__(self, tokenizer_uri: str, out_uri: str, cfg: Config, domains=None, in_process: bool = False):
+        def __init__(self, tokenizer_uri: str, out_uri: str, cfg: Config, domains=None):
+            import os
+
             super().__init__()
             self.tokenizer_uri, self.out_uri, self.cfg = tokenizer_uri, out_uri, cfg
             self.domains = domains  # the reweight Config: tokens are counted per domain under its key
-            self.in_process = in_process  # run in the stage's own process (small input), not in a worker
+            # the stage's own process: a task runs in it when the input is small, or with one worker (datatrove's
+            # local executor runs every rank in the caller then), elsewhere in a worker process (local, Ray, Slurm)
+            self.stage_pid = os.getpid()
 
         def run(self, data, rank: int = 0, world_size: int = 1):
             import os
@@ -218,12 +222,12 @@ def _block():
             from stages.core.storage import Storage
 
             out = Storage(self.out_uri)
-            # workers give freed memory back (flat peak memory per worker); an in-process run does not: its input is
-            # small by definition, mallopt would change the calling process's allocator for good, and the fixed mmap
-            # threshold costs time (bench corpus, 12.5 MB in process: +0.25 s system CPU and ~125k more minor page
-            # faults per run, ~9% of the stage's CPU; wall 2.8-3.15 s against 2.55-2.9 s, alternated on a loaded
-            # machine)
-            pool_env = False if self.in_process else return_freed_memory()
+            # workers give freed memory back (flat peak memory per worker); a task in the stage's process does not:
+            # mallopt would change the calling process's allocator for good (its input is small, or one worker was
+            # asked for), and the fixed mmap threshold costs time (bench corpus, 12.5 MB in process: +0.25 s system
+            # CPU and ~125k more minor page faults per run, ~9% of the stage's CPU; wall 2.8-3.15 s against
+            # 2.55-2.9 s, alternated on a loaded machine)
+            pool_env = False if os.getpid() == self.stage_pid else return_freed_memory()
             tmp = tempfile.mkdtemp(prefix=f"kiln-shard-{rank:05d}-")
             threads = self.cfg.encode_threads or 1
             pool, files, done = None, {}, False
@@ -450,7 +454,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     steps = [
         _reader()(ctx.input("reweight").datafolder("data"), paths_file=paths_file, add_file_path=False),
         _block()(ctx.input("tokenizer").url(), ctx.out.url(), cfg.model_copy(update={"encode_threads": threads}),
-                 ctx.cfg.reweight, in_process=small),
+                 ctx.cfg.reweight),
     ]
     try:
         stats = run_pipeline(ctx, steps, name="shard", tasks=tasks, workers=workers, in_process=small)

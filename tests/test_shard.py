@@ -545,3 +545,18 @@ def test_readme_documents_the_binary_format_the_code_writes(tmp_path):
     assert "`KILNIDX\\0`" in section and "n+1 uint64 token offsets" in section
     assert idx[:8] == b"KILNIDX\0" and int.from_bytes(idx[8:16], "little") == 2
     assert np.frombuffer(idx[16:], "<u8").tolist() == [0, 4, 6] and len(idx) == 16 + 8 * 3
+
+
+def test_tasks_in_the_stage_process_leave_its_allocator_alone(tmp_path, monkeypatch):
+    """One worker (datatrove runs every rank in the caller) or a small input: the shard tasks run in the stage's
+    own process, which must not get the workers' allocator settings (mallopt is for good, and costs ~9% CPU)."""
+    import stages.shard
+
+    calls = []
+    monkeypatch.setattr(stages.shard, "return_freed_memory", lambda: calls.append(1) or False)
+    root, docs = str(tmp_path), mixed_docs(20, 20, 5)
+    for run, small_below in (("one-worker", 0), ("small", 16)):
+        cfg = load_tiny(tmp_path, {**FAST, "run.tasks": 2, "run.workers": 1, "shard.inprocess_below_mb": small_below})
+        m = build(root, run, docs, cfg)
+        assert m["counts"]["documents_out"] == len(docs)
+    assert calls == []

@@ -418,8 +418,12 @@ def folder_lock(root: Storage, what: str, purpose: str = "", wait_s: float | Non
                 if not cur or cur.get("token") != token:
                     log.error("%s: lost the lock to %s", what, cur)
                     return
-                if not stop.is_set():
-                    root.write_bytes(LOCK, json.dumps({**info, "heartbeat": time.time()}).encode())
+                if not stop.is_set():  # one attempt (no storage-level retry window): a missed beat is harmless
+                    Storage.write_bytes.__wrapped__(root, LOCK, json.dumps({**info, "heartbeat": time.time()}).encode())
+                    if stop.is_set():  # released while this write was in flight: it re-created our lock
+                        cur = _lock_info(root)
+                        if cur and cur.get("token") == token:
+                            root.rm(LOCK)
             except Exception as e:  # storage down: the holder's own work fails (or rides it out) by itself
                 log.warning("%s: lock heartbeat failed (%s: %s)", what, type(e).__name__, e)
 
@@ -433,7 +437,7 @@ def folder_lock(root: Storage, what: str, purpose: str = "", wait_s: float | Non
         raise
     finally:
         stop.set()
-        t.join(timeout=5)  # a heartbeat stuck in a storage retry: left behind (daemon; it never writes after stop)
+        t.join(timeout=5)  # a heartbeat write still in flight: left behind (daemon); it removes what it re-wrote
         with _held_mu:
             _held.pop(key, None)
         _release(root, key, token, what, failure)

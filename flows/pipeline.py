@@ -141,7 +141,7 @@ def publish_report(rep: dict) -> dict[str, str]:
                 continue
             k = artifact_key("removed", f"{stage}{f'-{i}' if i else ''}-{rid}")
             create_table_artifact(key=k, table=rows, description=f"Kiln run {rid}: documents {stage} removed "
-                                                                 f"(sample kept in {s['url']})")
+                                                                 f"(the first {len(rows)}; all in {s['url']})")
             keys[k], links[s["url"]] = "table", (k, f"{ui}/artifacts/key/{k}")
     k = artifact_key("report", rid)
     create_markdown_artifact(key=k, markdown=report.render_markdown(rep, rep.get("plots") or {}, links),

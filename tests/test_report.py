@@ -371,6 +371,7 @@ def test_kiln_run_prints_the_funnel_and_publishes_the_report(runs, capsys):
         rows = data(key)
         assert rows == json.loads(json.dumps(report.sample_rows(url)))
         assert len(rows) == len(gzip.decompress(root.read_bytes(f"{stage}/{file}")).splitlines()) > 0
+        assert report.sample_rows(url, limit=1) == report.sample_rows(url)[:1]  # capped (dedup: a row per removal)
         assert re.search(rf"samples: \[{re.escape(url)}\]\(.*Prefect artifact \[{key}\]\([^)]*/artifacts/key/{key}\)",
                          data("kiln-report-a"))
     assert {r["filter"] for r in data("kiln-removed-filter-a")} == set(rep["removed"]["filter"]["samples"][0]["by_reason"])

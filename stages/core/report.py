@@ -437,7 +437,7 @@ def plots(rep: dict, texts: dict | None = None) -> dict[str, bytes]:
         for n, t in lw.items():
             if _num(t.get("accuracy")) and _num(ev.get("step")):
                 bx.plot([], [], " ", label=f"last word, {n} (step {ev['step']}): accuracy {t['accuracy']:.3f}, "
-                                          f"perplexity {t.get('perplexity'):.4g}")
+                                          f"perplexity {_n(t.get('perplexity'))}")
         bx.set_xlabel("checkpoint (optimizer step)")
         bx.set_ylabel("loss (nats / token)")
         bx.set_title("validation loss")
@@ -529,16 +529,17 @@ def render_funnel(rep: dict, wall_time: bool = False) -> str:
     return "\n".join(lines)
 
 
-def sample_rows(url: str, text_chars: int = 300) -> list[dict]:
-    """The rows of a removed-samples file (filter ``removed_samples.jsonl.gz``, dedup ``duplicates.jsonl.gz``) as
-    flat table rows (the Prefect table artifact of the removed samples): scalar fields as written, strings cut to
-    ``text_chars``."""
+SAMPLE_ROWS = 200  # rows per removed-samples table artifact: dedup's file has a row per removed document
+
+
+def sample_rows(url: str, text_chars: int = 300, limit: int = SAMPLE_ROWS) -> list[dict]:
+    """The first ``limit`` rows of a removed-samples file (filter ``removed_samples.jsonl.gz``, dedup
+    ``duplicates.jsonl.gz``) as flat table rows (the Prefect table artifact of the removed samples): scalar fields
+    as written, strings cut to ``text_chars``."""
     parent, name = url.rsplit("/", 1)
-    rows = []
-    for r in _read_jsonl(Storage(parent), name):
-        rows.append({k: (v[:text_chars] if isinstance(v, str) else v) for k, v in r.items()
-                     if v is None or isinstance(v, (str, int, float, bool))})
-    return rows
+    return [{k: (v[:text_chars] if isinstance(v, str) else v) for k, v in r.items()
+             if v is None or isinstance(v, (str, int, float, bool))}
+            for r in _read_jsonl(Storage(parent), name)[:limit]]
 
 
 def render_markdown(rep: dict, plot_links: dict[str, str] | None = None,

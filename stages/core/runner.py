@@ -143,6 +143,9 @@ class StageContext:
         when the stage's ``run`` returns or raises (the runner stops every watcher), or when the returned Event
         is set. A ``count`` that raises (a folder not there yet) is tried again at the next tick."""
         stop = threading.Event()
+        if _progress_hook is None:  # nobody listens (the CLI): no polling (on S3 a listing per tick)
+            stop.set()
+            return stop
         self._watchers.append(stop)
 
         def poll():

@@ -154,7 +154,8 @@ class DedupIndex:
         from stages.core.runner import folder_lock
 
         wait_s = float(os.environ.get("KILN_INDEX_LOCK_WAIT_S", 300)) if wait_s is None else wait_s
-        with folder_lock(self.storage, f"dedup index {self.uri}", purpose, wait_s=wait_s, poll_s=0.05) as token:
+        poll_s = 0.05 if self.storage.is_local else 1.0  # on S3 a poll is a conditional PUT and two GETs
+        with folder_lock(self.storage, f"dedup index {self.uri}", purpose, wait_s=wait_s, poll_s=poll_s) as token:
             yield token
 
     def commit_locked(self, snapshot: str, entry: dict, params: dict, purpose: str = "") -> tuple[str | None, list]:

@@ -89,12 +89,13 @@ class TcpProxy:
     """A TCP proxy 127.0.0.1:port -> 127.0.0.1:target in front of a real server (moto_server), for the tests that
     need the endpoint to go away (``stop``: listener closed, every open connection reset, clients get refused /
     reset; ``start`` listens on the same port again, the server keeping its state) or need to see the traffic
-    (what clients sent, per connection, and the bytes the target sent back, counted before they are forwarded,
+    (the requests clients sent, in arrival order, and the bytes the target sent back, counted before they are forwarded,
     so a completed read has been counted whole)."""
 
     def __init__(self, target: int):
         self.target, self.port, self.ls = target, _free_port(), None
-        self.mu, self.conns, self.sent, self.down, self.accepted = threading.Lock(), [], [], 0, 0
+        self.mu, self.conns, self.down, self.accepted = threading.Lock(), [], 0, 0
+        self.reqs: list[tuple[str, str, tuple[int, int] | None]] = []  # parsed requests, in arrival order
 
     @property
     def url(self) -> str:
@@ -113,14 +114,21 @@ class TcpProxy:
         while True:
             try:
                 c, _ = ls.accept()
-                u = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
+            except OSError:  # the listener was closed: stop
                 return
-            buf = bytearray()
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the target is down: this client is reset, the next one tried again
+                c.close()
+                continue
             with self.mu:
+                if self.ls is not ls:  # stopped while this connection was being made: no traffic during an outage
+                    c.close()
+                    u.close()
+                    return
                 self.conns += [c, u]
-                self.sent.append(buf)
                 self.accepted += 1
+            buf = bytearray()
             threading.Thread(target=self._pipe, args=(c, u, buf), daemon=True).start()
             threading.Thread(target=self._pipe, args=(u, c, None), daemon=True).start()
 
@@ -130,8 +138,12 @@ class TcpProxy:
                 with self.mu:
                     if buf is None:
                         self.down += len(data)
-                    else:
+                    else:  # requests parsed as they complete, so their order is arrival order across connections
                         buf += data
+                        while m := _REQUEST.search(buf):  # (a PUT's body is skipped over)
+                            r = _RANGE.search(m[3])
+                            self.reqs.append((m[1].decode(), m[2].decode(), (int(r[1]), int(r[2])) if r else None))
+                            del buf[:m.end()]
                 b.sendall(data)
         except OSError:
             pass
@@ -143,20 +155,12 @@ class TcpProxy:
     def snapshot(self) -> tuple[int, int]:
         """(bytes received from the target so far, requests so far): a mark to measure what a read costs."""
         with self.mu:
-            return self.down, len(self._requests())
+            return self.down, len(self.reqs)
 
     def requests(self) -> list[tuple[str, str, tuple[int, int] | None]]:
-        """(method, path, inclusive byte range or None) of every request, per connection in arrival order."""
+        """(method, path, inclusive byte range or None) of every request, in arrival order (all connections)."""
         with self.mu:
-            return self._requests()
-
-    def _requests(self) -> list:
-        out = []
-        for buf in self.sent:
-            for m in _REQUEST.finditer(bytes(buf)):
-                r = _RANGE.search(m[3])
-                out.append((m[1].decode(), m[2].decode(), (int(r[1]), int(r[2])) if r else None))
-        return out
+            return list(self.reqs)
 
     def stop(self) -> None:
         if self.ls is not None:
@@ -171,9 +175,9 @@ class TcpProxy:
                 s.close()
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3 endpoint over HTTP: moto_server on 127.0.0.1, started and stopped by the tests."""
+@contextlib.contextmanager
+def moto_server(port: int):
+    """A real S3 endpoint over HTTP: moto_server on 127.0.0.1:port (state in memory), stopped on exit."""
     import shutil
     import subprocess
     import sys
@@ -182,8 +186,8 @@ def s3_endpoint():
 
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     assert exe, "moto_server not installed (pip install 'moto[server]')"
-    url = os.environ["AWS_ENDPOINT_URL"]  # chosen in pytest_configure
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]], stdout=subprocess.DEVNULL,
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
@@ -198,6 +202,25 @@ def s3_endpoint():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The session's moto_server, on the port pytest_configure put in AWS_ENDPOINT_URL."""
+    with moto_server(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])) as url:
+        yield url
+
+
+def mount_tmpfs(path: Path, size_kb: int) -> bool:
+    """Mount a tmpfs of ``size_kb`` at ``path`` (a full disk for tests); False without permission to mount."""
+    import subprocess
+
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], check=True,
+                       capture_output=True, timeout=10)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 @pytest.fixture

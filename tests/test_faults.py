@@ -8,18 +8,17 @@ Disk full: a 1-2 MB tmpfs mounted at the storage folder (we run as root; else RL
 past the limit fail with EFBIG), the upstream copied in, the shard stage's outputs do not fit.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
-from pathlib import Path
 
 import boto3
 import pytest
-from conftest import ROOT, TcpProxy, _free_port, load_tiny
+from conftest import ROOT, TcpProxy, _free_port, load_tiny, moto_server, mount_tmpfs
 from test_reweight import mixed_docs, seed_split
 
 from stages.core.runner import StageError, run_stage
@@ -34,39 +33,43 @@ RUN = "r"
 def s3(tmp_path_factory):
     """moto_server (state in memory, kept across proxy outages) behind a TcpProxy; a bucket holding reweight's output
     (real documents, two files) and a trained tokenizer; the shard stage's outputs of an uninterrupted run."""
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     port = _free_port()
-    moto = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     proxy = TcpProxy(port)
     old = os.environ.get("AWS_ENDPOINT_URL")
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+    with moto_server(port):
         proxy.start()
-        os.environ["AWS_ENDPOINT_URL"] = proxy.url  # Storage picks the endpoint up when created
-        bucket = f"kiln-faults-{uuid.uuid4().hex[:8]}"
-        direct = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")  # around the proxy
-        direct.create_bucket(Bucket=bucket)
-        store = f"s3://{bucket}"
-        cfg = load_tiny(None, FAST)
-        seed_split(store, RUN, "reweight", mixed_docs(60, 60, 10))
-        tok = run_stage("tokenizer", cfg, store, RUN)
-        ref = run_stage("shard", cfg, store, RUN)
-        Storage(store).sub(RUN).rm("shard")
-        yield {"store": store, "bucket": bucket, "proxy": proxy, "direct": direct, "ref": ref, "tokenizer": tok}
+        try:
+            os.environ["AWS_ENDPOINT_URL"] = proxy.url  # Storage picks the endpoint up when created
+            bucket = f"kiln-faults-{uuid.uuid4().hex[:8]}"
+            direct = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")  # around the proxy
+            direct.create_bucket(Bucket=bucket)
+            store = f"s3://{bucket}"
+            cfg = load_tiny(None, FAST)
+            seed_split(store, RUN, "reweight", mixed_docs(60, 60, 10))
+            tok = run_stage("tokenizer", cfg, store, RUN)
+            ref = run_stage("shard", cfg, store, RUN)
+            Storage(store).sub(RUN).rm("shard")
+            yield {"store": store, "bucket": bucket, "proxy": proxy, "direct": direct, "ref": ref, "tokenizer": tok}
+        finally:
+            proxy.stop()
+            if old is None:
+                os.environ.pop("AWS_ENDPOINT_URL", None)
+            else:
+                os.environ["AWS_ENDPOINT_URL"] = old
+
+
+@contextlib.contextmanager
+def outage(s3: dict, proc: subprocess.Popen):
+    """Around a test that stops the endpoint under a running `kiln`: whatever fails, the endpoint comes back and
+    the child is gone afterwards (later tests of the module share the endpoint and the run's lock)."""
+    try:
+        yield
     finally:
-        proxy.stop()
-        moto.terminate()
-        moto.wait(timeout=10)
-        if old is None:
-            os.environ.pop("AWS_ENDPOINT_URL", None)
-        else:
-            os.environ["AWS_ENDPOINT_URL"] = old
+        if s3["proxy"].ls is None:
+            s3["proxy"].start()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def kiln(stage: str, s3: dict, env: dict | None = None) -> subprocess.Popen:
@@ -82,9 +85,11 @@ def lock_present(s3: dict) -> bool:
     return s3["direct"].list_objects_v2(Bucket=s3["bucket"], Prefix=f"{RUN}/.lock.json")["KeyCount"] > 0
 
 
-def wait_for_lock(s3: dict, proc: subprocess.Popen) -> None:
+def wait_for_lock(s3: dict, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
     while not lock_present(s3):
         assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"the stage took no lock in {timeout_s:.0f} s"
         time.sleep(0.02)
 
 
@@ -125,12 +130,13 @@ def test_s3_outage_mid_stage_is_retried_and_the_run_completes(s3):
     waits it out (botocore standard retries + Storage retries) and writes the same outputs as an uninterrupted
     run."""
     proc = kiln("shard", s3)
-    wait_for_lock(s3, proc)
-    s3["proxy"].stop()
-    time.sleep(3)
-    assert proc.poll() is None, "the stage finished during the outage: it did not need the endpoint"
-    s3["proxy"].start()
-    out, err = proc.communicate(timeout=180)
+    with outage(s3, proc):
+        wait_for_lock(s3, proc)
+        s3["proxy"].stop()
+        time.sleep(3)
+        assert proc.poll() is None, "the stage finished during the outage: it did not need the endpoint"
+        s3["proxy"].start()
+        out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     assert shard_outputs(s3) == s3["ref"]["outputs"]
     assert not lock_present(s3)
@@ -143,12 +149,13 @@ def test_s3_down_for_good_fails_clearly_and_a_later_rerun_resumes(s3):
     completes (taking over the dead run's lock) and upstream stages stay complete (skipped)."""
     proxy = s3["proxy"]
     proc = kiln("shard", s3, env={"KILN_S3_ATTEMPTS": "2", "KILN_STORAGE_RETRY_S": "3"})
-    wait_for_lock(s3, proc)
-    proxy.stop()
-    t0 = time.monotonic()
-    out, err = proc.communicate(timeout=120)
-    took = time.monotonic() - t0
-    proxy.start()
+    with outage(s3, proc):
+        wait_for_lock(s3, proc)
+        proxy.stop()
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+        proxy.start()
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
     assert proxy.url in last and s3["bucket"] in last, err[-3000:]
@@ -165,15 +172,6 @@ def test_s3_down_for_good_fails_clearly_and_a_later_rerun_resumes(s3):
 
 
 # -- disk full ----------------------------------------------------------------------------------------------------
-def _mount_tmpfs(path: Path, size_kb: int) -> bool:
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], check=True,
-                       capture_output=True, timeout=10)
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 def test_disk_full_while_writing_shards_fails_clearly_and_leaves_no_shard(tmp_path):
     cfg = load_tiny(tmp_path, FAST)
     src = tmp_path / "src"
@@ -186,7 +184,7 @@ def test_disk_full_while_writing_shards_fails_clearly_and_leaves_no_shard(tmp_pa
     used_kb = sum(f.stat().st_size // 4096 * 4 + 4 for f in src.rglob("*") if f.is_file())  # 4 KB pages
     full = tmp_path / "full"
     full.mkdir()
-    mounted = _mount_tmpfs(full, used_kb + shard_kb // 2)  # the upstream and half the shard's outputs fit
+    mounted = mount_tmpfs(full, used_kb + shard_kb // 2)  # the upstream and half the shard's outputs fit
     try:
         shutil.copytree(src, full, dirs_exist_ok=True)
         if mounted:

@@ -205,7 +205,7 @@ def test_clearing_a_stage_deletes_its_manifest_before_any_output(tmp_path):
     import json
     import os
 
-    from test_faults import _mount_tmpfs
+    from conftest import mount_tmpfs
 
     from stages.core.runner import MANIFEST, clear_stage_folder
 
@@ -216,7 +216,7 @@ def test_clearing_a_stage_deletes_its_manifest_before_any_output(tmp_path):
     (out / MANIFEST).write_text(json.dumps({"outputs": [{"path": f"{n}/x"} for n in names]}))
     order = [e.name for e in os.scandir(out)]  # the order rmtree deletes in
     first = order[0] if order[0] != MANIFEST else order[1]  # the first output reached: before the manifest if it can
-    if not _mount_tmpfs(out / first, 64):
+    if not mount_tmpfs(out / first, 64):
         pytest.skip("no permission to mount a tmpfs")
     try:
         for n in names:

@@ -252,11 +252,12 @@ def test_index_on_s3(s3_bucket, django, tmp_path):
 
 
 COMMITTER = """
-import sys, time
+import os, sys, time
 from stages.dedup.index import DedupIndex
-uri, who, n, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+uri, who, n, barrier = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 index = DedupIndex(uri)
-while time.time() < start:  # both processes begin together (imports done)
+open(os.path.join(barrier, who), "w").close()  # imports done: ready
+while len(os.listdir(barrier)) < 2:  # both processes begin together
     time.sleep(0.001)
 for k in range(n):
     seg = index.new_segment_path(f"{who}-{k}")
@@ -271,18 +272,19 @@ def test_index_commits_of_two_processes_keep_every_snapshot(tmp_path):
     15-26 of 80 entries in every one of 3 trials (40 each); with it none is lost."""
     import subprocess
     import sys
-    import time
 
     from conftest import ROOT
 
-    uri, n = str(tmp_path / "index"), 30
-    start = time.time() + 2.0
-    procs = [subprocess.Popen([sys.executable, "-c", COMMITTER, uri, who, str(n), str(start)], cwd=ROOT,
+    uri, n, barrier = str(tmp_path / "index"), 30, tmp_path / "ready"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", COMMITTER, uri, who, str(n), str(barrier)], cwd=ROOT,
                               stderr=subprocess.PIPE, text=True) for who in ("a", "b")]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
     state = DedupIndex(uri).load()
     assert sorted(s["snapshot"] for s in state["segments"]) == sorted(f"{w}-{k}" for w in "ab" for k in range(n))
+    whos = [s["snapshot"][0] for s in state["segments"]]  # commit order: the two writers did overlap
+    assert sum(x != y for x, y in zip(whos, whos[1:])) >= 2, whos
     index = Storage(uri)
     assert all(index.exists(f"{s['path']}/arrays.npz") for s in state["segments"])
     assert not [p for p in index.list() if ".lock" in p]  # released, no temporary left

@@ -14,7 +14,6 @@ import functools
 import gzip
 import json
 import re
-import time
 import uuid
 
 import pytest
@@ -185,9 +184,7 @@ def test_bad_warc_keeps_exactly_the_good_records(tmp_path, clean, case, name):
     files = {name: data}
     if case == "zero_length_files":
         files |= {"empty.warc.gz": b"", "empty.jsonl": b"", "empty.parquet": b""}
-    t0 = time.perf_counter()
     c, docs = ingest(tmp_path, files)
-    took = time.perf_counter() - t0
     lost_ids = {RECORD_IDS[i] for i in lost}
     kept = {k: v for k, v in ref.items() if k not in lost_ids}
     assert {k: docs[k]["text"] for k in kept} == {k: v["text"] for k, v in kept.items()}  # every good page, same
@@ -208,7 +205,7 @@ def test_bad_warc_keeps_exactly_the_good_records(tmp_path, clean, case, name):
         n = delta.get("corrupt_record", 0)
         assert "corrupt file" in line and f" {n} damaged records skipped" in line and re.search(r"record \d+", line)
     if case == "page_50mb_single_line":  # skipped by its declared length: never read whole, never extracted
-        assert c["documents_out"] == ref_counts["documents_out"] and took < 20, took
+        assert c["documents_out"] == ref_counts["documents_out"]
 
 
 def test_50mb_single_line_is_streamed_past(tmp_path):
@@ -295,25 +292,22 @@ def _seeded_ingest(tmp_path, n: int = 12) -> tuple[str, list[dict]]:
     return str(tmp_path), docs
 
 
+def _damage_line(data: Storage, rel: str, i: int, junk: bytes) -> None:
+    lines = gzip.decompress(data.read_bytes(rel)).splitlines()
+    lines[i] = junk
+    data.write_bytes(rel, gzip.compress(b"\n".join(lines) + b"\n"))
+
+
 @pytest.mark.parametrize("damage", [b"not json {", b'{"text": "\xff\xfe not utf-8", "id": "x"}'])
 def test_damaged_upstream_output_is_one_clear_error(tmp_path, damage):
     """A line of an upstream stage's data file replaced by junk (after its manifest was written): datatrove's reader
     would drop it with a log line; the stage fails naming the upstream stage and its data folder instead."""
     storage, docs = _seeded_ingest(tmp_path)
-    data = Storage(storage).sub("r", "ingest")
-    lines = gzip.decompress(data.read_bytes("data/00000.jsonl.gz")).splitlines()
-    lines[5] = damage
-    data.write_bytes("data/00000.jsonl.gz", gzip.compress(b"\n".join(lines) + b"\n"))
+    _damage_line(Storage(storage).sub("r", "ingest"), "data/00000.jsonl.gz", 5, damage)
     cfg = load_tiny(None, {**FAST, "normalize.language_id": False})
     with pytest.raises(StageError, match=r"^normalize: read \d+ documents of the 12 that the ingest manifest counts "
                                          r"in .*/r/ingest/data: .*damaged.*kiln stage ingest --force"):
         run_stage("normalize", cfg, storage, "r")
-
-
-def _damage_line(data: Storage, rel: str, i: int, junk: bytes) -> None:
-    lines = gzip.decompress(data.read_bytes(rel)).splitlines()
-    lines[i] = junk
-    data.write_bytes(rel, gzip.compress(b"\n".join(lines) + b"\n"))
 
 
 def test_damaged_upstream_output_fails_dedup_tokenizer_and_shard_too(tmp_path):

@@ -209,13 +209,16 @@ def test_clearing_a_stage_deletes_its_manifest_before_any_output(tmp_path):
 
     from stages.core.runner import MANIFEST, clear_stage_folder
 
-    out = tmp_path / "r" / "normalize"
-    names = [f"d{i:03d}" for i in range(100)]
-    for n in names:
-        (out / n).mkdir(parents=True)
-    (out / MANIFEST).write_text(json.dumps({"outputs": [{"path": f"{n}/x"} for n in names]}))
-    order = [e.name for e in os.scandir(out)]  # the order rmtree deletes in
-    first = order[0] if order[0] != MANIFEST else order[1]  # the first output reached: before the manifest if it can
+    for attempt in range(10):  # an output must come before the manifest in directory order, or this proves nothing
+        out = tmp_path / f"r{attempt}" / "normalize"
+        names = [f"d{attempt}-{i:03d}" for i in range(100)]
+        for n in names:
+            (out / n).mkdir(parents=True)
+        (out / MANIFEST).write_text(json.dumps({"outputs": [{"path": f"{n}/x"} for n in names]}))
+        order = [e.name for e in os.scandir(out)]  # the order rmtree deletes in
+        if order[0] != MANIFEST:
+            break
+    first = order[0]  # the first output the delete reaches, before the manifest
     if not mount_tmpfs(out / first, 64):
         pytest.skip("no permission to mount a tmpfs")
     try:

@@ -222,7 +222,10 @@ def test_report_plot_image_artifact_renders_in_the_ui(chromium, completed_run):
     (funnel,) = [a for a in arts if a["key"] == "kiln-plot-funnel-ui"]
     head = "data:image/png;base64,"
     assert funnel["data"].startswith(head)
-    png = Image.open(io.BytesIO(base64.b64decode(funnel["data"][len(head):])))
+    raw = base64.b64decode(funnel["data"][len(head):])
+    stored = funnel["description"].rsplit("(", 1)[1].rstrip(")")  # "Kiln run ui: funnel.png (<storage URL>)"
+    assert stored.endswith("/ui/report/plots/funnel.png") and raw == Path(stored).read_bytes()
+    png = Image.open(io.BytesIO(raw))
     with browser(chromium) as page:
         page("Page.navigate", url=f"{base}/artifacts/artifact/{funnel['id']}")
         shown = page.until("the funnel plot as a loaded image", "(() => {const i = [...document.images].find("

@@ -46,10 +46,15 @@ class Config(Strict):
 def external_inputs(cfg: Config, kiln_cfg) -> dict:
     """The crawl files, by content (part of ingest's fingerprint, ``identity.py``): the same files, listed by the
     same function (``sources.listing``), that ``run`` reads; Common Crawl files by the resolved list only."""
-    from stages.ingest.identity import identities
+    import os
+
+    from stages.ingest.identity import _local, identities
     from stages.ingest.sources import listing
 
-    return {"files": identities(listing(cfg, kiln_cfg, head_common_crawl=False), cfg.hash_budget_mb << 20)}
+    files = identities(listing(cfg, kiln_cfg, head_common_crawl=False), cfg.hash_budget_mb << 20)
+    # local files by name, not by absolute path: the same crawl mounted elsewhere (a container's /opt/shared, the
+    # host's /work/shared) is the same input (documents carry only the file name, metadata.source)
+    return {"files": [{**f, "path": os.path.basename(f["path"])} if _local(f["path"]) else f for f in files]}
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
@@ -59,10 +64,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from stages.ingest.extract import extractor_block, removed_counts
     from stages.ingest.readers import _reader_cls, file_kind
     from stages.ingest.identity import identities
-    from stages.ingest.sources import balance, listing
+    from stages.ingest.sources import balance, listing, sizes
 
     listed = listing(cfg, ctx.cfg)
-    files = [(u, int(info.get("size") or 0)) for u, info in listed]
+    files = sizes(listed)
     identified = identities(listed, cfg.hash_budget_mb << 20)  # before reading: what was read, by content
     tasks = max(1, min(ctx.cfg.run.tasks, len(files)))
     reader = _reader_cls()(balance(files, tasks), cfg.max_record_bytes, cfg.text_field, cfg.id_field)

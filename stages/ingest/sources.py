@@ -197,6 +197,11 @@ def listing(cfg, kiln_cfg, head_common_crawl: bool = True) -> list[tuple[str, di
     return list(dict(out).items())
 
 
+def sizes(listed: list[tuple[str, dict]]) -> list[tuple[str, int]]:
+    """``listing``'s files as (URL or path, size in bytes; 0 if unknown): what ``balance`` spreads over tasks."""
+    return [(u, int(info.get("size") or 0)) for u, info in listed]
+
+
 def input_files(cfg, ctx: StageContext) -> list[tuple[str, int]]:
     """All input files of ingest as (URL or path, size in bytes; 0 if unknown), as ``listing`` orders them."""
-    return [(u, int(info.get("size") or 0)) for u, info in listing(cfg, ctx.cfg)]
+    return sizes(listing(cfg, ctx.cfg))

@@ -18,13 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows import REPO
 from stages import STAGES
+from stages.core.runner import SAFE_NAME
 
 StageName = Literal[tuple(STAGES)]  # an enum in the JSON schema: the UI offers a pick list, the server checks it
 DATA_STAGES = STAGES[:STAGES.index("shard") + 1]  # ingest -> shard: a dataset version
 TRAIN_STAGES = STAGES[STAGES.index("train"):]  # train -> evaluate: a checkpoint and its report
 DataStage = Literal[tuple(DATA_STAGES)]
 TrainStage = Literal[tuple(TRAIN_STAGES)]
-RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # one folder name in storage (no "/", no "..")
+RUN_ID = SAFE_NAME  # one folder name in storage (no "/", no ".."): the rule the runner checks, in the form
 SAMPLE_CRAWL = ["../../shared/data/crawl/*.warc.gz"]  # the tiny profile's inputs (relative to configs/)
 
 

@@ -49,15 +49,15 @@ class RunLocked(StageError):
 
 # -- names used as one folder in storage: run ids (--run-id, the profile's name) and dedup.snapshot -------------
 SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"  # letters, digits, . _ -; not starting with "."; <= 128 chars
+NAME_RULE = "one folder name (letters, digits, '.', '_', '-'; not starting with '.'; at most 128 characters)"
 
 
 def name_problem(value, key: str) -> str | None:
     """Why ``value`` (given as ``key``) cannot be one folder name in storage, or None. ``--run-id ../x`` wrote
-    outside the storage folder before this check; flows/params.py's RUN_ID (Prefect forms) is a stricter subset."""
+    outside the storage folder before this check; Prefect forms use the same pattern (flows/params.py)."""
     if isinstance(value, str) and re.fullmatch(SAFE_NAME, value):
         return None
-    return (f"{key} must be one folder name (letters, digits, '.', '_', '-'; not starting with '.'; at most 128 "
-            f"characters), got {value!r}")
+    return f"{key} must be {NAME_RULE}, got {value!r}"
 
 
 def check_name(value, key: str) -> str:

@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from stages.core.config import Strict
-from stages.core.runner import StageContext, StageError, StageResult, name_problem
+from stages.core.runner import NAME_RULE, StageContext, StageError, StageResult, name_problem
 
 
 class Config(Strict):
@@ -60,8 +60,7 @@ class Config(Strict):
     @classmethod
     def _one_folder_name(cls, v: str | None) -> str | None:
         if v is not None and name_problem(v, "dedup.snapshot"):
-            raise ValueError("must be one folder name (letters, digits, '.', '_', '-'; not starting with '.'; at "
-                             "most 128 characters)")
+            raise ValueError(f"must be {NAME_RULE}")
         return v
 
 

@@ -56,7 +56,7 @@ class TokenShardWriter:
         self.dtype = dtype_for_vocab(vocab_size)
         self.f = open(self.tmp[bin_path], "wb")
         self.f.write(b"\0" * HEADER_BYTES)
-        # document end offsets, one int64 array per add/add_many (8 bytes a document: the index needs them all
+        # document end offsets, one int64 array per add_many call (8 bytes a document: the index needs them all
         # at close, after the tokens; a Python list of ints took ~36 bytes a document)
         self.ends: list[np.ndarray] = []
         self.n_tokens = self.n_docs = 0
@@ -67,11 +67,7 @@ class TokenShardWriter:
             self.n_tokens, self.n_docs = int(self.ends[-1][-1]), self.n_docs + int(lengths.size)
 
     def add(self, ids) -> None:
-        arr = np.asarray(list(ids) + [self.eos_id], dtype=np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range for vocabulary of {self.vocab_size}")
-        self.f.write(arr.astype(self.dtype).tobytes())
-        self._ended(np.array([arr.size], dtype=np.int64))
+        self.add_many([list(ids)])
 
     def add_many(self, seqs: list) -> None:
         """``add`` for a batch of documents: one conversion and one write (the shard stage's hot path). Numpy
@@ -129,7 +125,7 @@ class TokenShard:
     """Read windows of a shard from any Storage by byte range, without reading the whole file."""
 
     def __init__(self, storage, rel: str):
-        self.storage, self.rel = storage, rel
+        self.storage, self.rel, self.idx_rel = storage, rel, rel[:-4] + ".idx"
         self.header = parse_header(storage.read_bytes(rel, 0, HEADER_BYTES))
         self.dtype = self.header["dtype"]
         self.n_tokens = self.header["n_tokens"]
@@ -144,21 +140,31 @@ class TokenShard:
     def read_all(self) -> np.ndarray:
         return self.read(0, self.n_tokens)
 
-    def doc_offsets(self, idx_rel: str | None = None) -> np.ndarray:
+    def check_index(self) -> None:
+        """ValueError unless the ``.idx`` is this shard's: its magic, its document count, its exact size (a cut
+        index is caught by its size alone, without reading it)."""
+        n_docs = self.header["n_docs"]
+        want = _IDX_HDR.size + 8 * (n_docs + 1)
+        size = self.storage.size(self.idx_rel)
+        if size != want or _IDX_HDR.unpack(self.storage.read_bytes(self.idx_rel, 0, _IDX_HDR.size)) != (IDX_MAGIC,
+                                                                                                         n_docs):
+            raise ValueError(f"not the document index of {n_docs} documents ({size} bytes, expected {want}: "
+                             "truncated or corrupt)")
+
+    def doc_offsets(self) -> np.ndarray:
         """All n_docs + 1 document offsets (the whole index: 8 bytes a document)."""
-        idx_rel = idx_rel or self.rel[:-4] + ".idx"
-        raw = self.storage.read_bytes(idx_rel)
+        raw = self.storage.read_bytes(self.idx_rel)
         magic, n_docs = _IDX_HDR.unpack(raw[:_IDX_HDR.size])
         if magic != IDX_MAGIC:
-            raise ValueError(f"{idx_rel}: not a Kiln document index")
+            raise ValueError(f"{self.idx_rel}: not a Kiln document index")
         return np.frombuffer(raw[_IDX_HDR.size:], dtype="<u8").astype(np.int64)
 
-    def doc_range(self, i: int, idx_rel: str | None = None) -> tuple[int, int]:
+    def doc_range(self, i: int) -> tuple[int, int]:
         """Token range [start, end) of document ``i`` (its EOS included), from 16 bytes of the index (one range)."""
         if not 0 <= i < self.header["n_docs"]:
             raise IndexError(f"document {i} outside shard of {self.header['n_docs']} documents")
         b0 = _IDX_HDR.size + 8 * i
-        raw = self.storage.read_bytes(idx_rel or self.rel[:-4] + ".idx", b0, b0 + 16)
+        raw = self.storage.read_bytes(self.idx_rel, b0, b0 + 16)
         start, end = (int(x) for x in np.frombuffer(raw, dtype="<u8"))
         return start, end
 

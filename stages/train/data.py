@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from stages.core.tokens import _IDX_HDR, HEADER_BYTES, IDX_MAGIC, TokenShard
+from stages.core.tokens import HEADER_BYTES, TokenShard
 
 
 class ShardError(ValueError):
@@ -65,11 +65,10 @@ def open_shards(storage, rels: list[str], vocab_size: int | None = None,
         if sha256 and idx in sha256 and storage.sha256(idx) != sha256[idx]:
             raise ShardError(f"{storage.url(idx)}: sha256 differs from the shard manifest's (corrupt or changed "
                              "since the shard stage wrote it)")
-        want_idx = _IDX_HDR.size + 8 * (sh.header["n_docs"] + 1)
-        if storage.size(idx) != want_idx or _IDX_HDR.unpack(storage.read_bytes(idx, 0, _IDX_HDR.size)) != (
-                IDX_MAGIC, sh.header["n_docs"]):
-            raise ShardError(f"{storage.url(idx)}: not the document index of {sh.header['n_docs']} documents "
-                             f"({storage.size(idx)} bytes, expected {want_idx}: truncated or corrupt)")
+        try:
+            sh.check_index()
+        except ValueError as e:
+            raise ShardError(f"{storage.url(idx)}: {e}") from None
         shards.append(sh)
     return shards
 

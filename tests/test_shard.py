@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
-from conftest import load_tiny, seed_files
+from conftest import ROOT, load_tiny, seed_files
 from test_reweight import mixed_docs, seed_split
 
 from stages.core.runner import StageError, run_stage
@@ -351,6 +351,14 @@ def test_string_array_is_pa_array_without_pandas():
         a = string_array(values)
         a.validate(full=True)
         assert a.equals(pa.array(values, pa.string())) and a.null_count == values.count(None)
+    # the point of it: pa.array on Python strings imports pandas (+34 MB per shard worker), string_array does not
+    import subprocess
+    import sys
+
+    probe = ("import sys, pyarrow as pa; from stages.shard import string_array; string_array(['a', None]);"
+             " print('pandas' in sys.modules); pa.array(['a', None]); print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.split() == ["False", "True"], out  # the control: pa.array does import it here
 
 
 def test_token_writer_offsets_across_add_and_add_many(tmp_path):

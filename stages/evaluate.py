@@ -62,7 +62,7 @@ class EvalSet(Strict):
 
 class LastWord(Strict):
     name: str = "lambada"
-    path: str  # JSONL of passages, {"text": ...} (LAMBADA's format); .gz decompressed
+    path: str  # JSONL of passages, {"text": ...} (LAMBADA's format), or plain text (format below); .gz decompressed
     # jsonl, or passages cut from a plain-text file (``paragraphs`` / ``lines``, whitespace runs made one space
     # as in LAMBADA's one-line passages): a last-word task from any real text when no LAMBADA file is at hand
     format: Literal["jsonl", "paragraphs", "lines"] = "jsonl"

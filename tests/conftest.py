@@ -204,6 +204,14 @@ def moto_server(port: int):
         proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """The session's moto_server, on the port pytest_configure put in AWS_ENDPOINT_URL."""

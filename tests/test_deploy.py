@@ -14,20 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import _free_port
 
 from stages.core.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 CRAWL = ROOT.parent / "shared" / "data" / "crawl"
 ONE_FILE = str(CRAWL / "docs.python.org-0002.warc.gz")  # 428 KB, ~60 pages: ingest -> dedup in seconds
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _api(base: str, method: str, path: str, body=None) -> tuple[int, object]:
@@ -341,14 +334,6 @@ def test_two_cli_runs_of_one_run_id_run_the_stage_once(tmp_path):
 
 
 # -- flows in-process (prefect test harness): retries and the flow-level lock -------------------------------------
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _task_runs_of(flow_run_id) -> list:
     import asyncio
 

@@ -22,14 +22,6 @@ SMALL = {"ingest.inputs": SLICE, "train.steps": 12, "train.checkpoint_every": 6,
          "tokenizer.vocab_size": 1024, "evaluate.val_tokens": 4096, "evaluate.doc_tokens": 4096}
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _task_runs(flow_run_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -323,7 +323,7 @@ def test_run_summary_prints_the_report_funnel(runs):
     assert "reweight" in text and f"+upsampled={ms['reweight']['counts']['added']['upsampled']}" in text
 
 
-def test_kiln_run_prints_the_funnel_and_publishes_the_report(runs, capsys):
+def test_kiln_run_prints_the_funnel_and_publishes_the_report(runs, capsys, prefect_api):
     """`kiln run` over the finished run "a" (every stage skipped by its manifest): the funnel printed at the end
     is the report's, and the flow run publishes the report as Prefect artifacts: report.md (markdown), the funnel
     and evaluation tables, every plot (PNG bytes equal to storage's), and the removed samples as tables that
@@ -333,23 +333,20 @@ def test_kiln_run_prints_the_funnel_and_publishes_the_report(runs, capsys):
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.cli import main
 
     args = ["run", "--storage", runs, "--run-id", "a"]
     for k, v in RUN_OVERRIDES["a"].items():
         args += ["--set", f"{k}={json.dumps(v)}"]
-    with prefect_test_harness(server_startup_timeout=120):
-        assert main(args) == 0
-        out = capsys.readouterr().out
+    assert main(args) == 0
+    out = capsys.readouterr().out
 
-        async def read():
-            async with get_client() as client:
-                arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="kiln-")))
-                return {a.key: a for a in arts}
+    async def read():
+        async with get_client() as client:
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="kiln-")))
+            return {a.key: a for a in arts}
 
-        arts = asyncio.run(read())
+    arts = asyncio.run(read())
     rep = report.build(runs, "a")
     for r in rep["funnel"]:
         assert re.search(_funnel_line(r) + r"\s*skip", out), r["stage"]  # skipped by its manifest, same numbers

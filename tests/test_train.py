@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import alive, load_tiny
+from conftest import _free_port, alive, load_tiny
 from lm_upstream import build_upstream
 from stages.core.runner import StageError, run_stage
 from stages.core.storage import Storage
@@ -469,14 +469,6 @@ def test_compiled_fsdp_run_saves_plain_keys(upstream, two_rank):
     plain.load_state_dict(state, strict=True)
     load_model(out, "final")
     assert out.list("checkpoints/step_000002/state")  # the sharded training state of the compiled model
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_equal_one_two_rank_node(upstream, two_rank):

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from test_deploy import ONE_FILE, ROOT, _api, _free_port, _health, _stop, _task_runs, _wait
+from conftest import _free_port
+from test_deploy import ONE_FILE, ROOT, _api, _health, _stop, _task_runs, _wait
 
 ARTIFACTS = ROOT / "tests" / "_artifacts"  # gitignored; CI keeps it
 WIDTH, HEIGHT = 1400, 1000

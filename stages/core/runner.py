@@ -451,7 +451,7 @@ def _release(root: Storage, key: str, token: str, what: str, failure: BaseExcept
     going down, after a second retry window). This storage already found unreachable (the error names its
     endpoint and bucket): not even tried."""
     why = None
-    if isinstance(failure, StorageUnavailable) and root.endpoint() in str(failure):
+    if isinstance(failure, StorageUnavailable) and failure.endpoint == root.endpoint():
         why = "storage is unreachable"
     else:
         try:

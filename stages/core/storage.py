@@ -53,7 +53,15 @@ def _s3_options() -> dict:
 
 class StorageUnavailable(ConnectionError):
     """The storage endpoint stayed unreachable (or kept failing with 5xx/throttling) through every retry. A
-    ConnectionError: flows.params.is_transient still lets Prefect retry the stage task later."""
+    ConnectionError: flows.params.is_transient still lets Prefect retry the stage task later. ``endpoint``: the
+    one that failed (``Storage.endpoint()``)."""
+
+    def __init__(self, message: str, endpoint: str | None = None):
+        super().__init__(message)
+        self.endpoint = endpoint
+
+    def __reduce__(self):  # raised in a worker process, re-raised in the stage's: keep the endpoint
+        return type(self), (str(self), self.endpoint)
 
 
 # S3 error codes and errnos worth a retry (s3fs turns SlowDown/503 into EBUSY, 500 into EREMOTEIO); also the rule of
@@ -107,7 +115,8 @@ def _retrying(op):
                     raise StorageUnavailable(
                         f"storage {self.uri} unreachable: {self.endpoint()} failed {attempt} times over "
                         f"{waited:.0f} s ({what}; last error {type(e).__name__}: {e}). Nothing partial is made "
-                        f"visible: re-run the same command once it is back (completed stages are skipped)") from e
+                        f"visible: re-run the same command once it is back (completed stages are skipped)",
+                        self.endpoint()) from e
                 log.warning("storage %s: %s failed (%s: %s), retry %d in %.1f s", self.uri, op.__name__,
                             type(e).__name__, e, attempt, delay)
                 self.fs.invalidate_cache()
